@@ -1,0 +1,44 @@
+"""Mask generators. A mask is a bool [B, N] tensor over the patch grid, True = hidden, with a fixed count per sample."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class MaskSample(NamedTuple):
+    """`hidden[b, i]` is True where patch i of sample b is masked; `keep[b]` lists visible patch indices ascending."""
+
+    hidden: torch.Tensor
+    keep: torch.Tensor
+
+
+def num_visible(num_patches: int, ratio: float) -> int:
+    """Visible patches per sample for a mask ratio (MAE's rounding: int(N * (1 - ratio)), at least one)."""
+    return max(1, int(num_patches * (1.0 - ratio)))
+
+
+def random_mask(
+    batch: int,
+    num_patches: int,
+    ratio: float,
+    device: torch.device | str = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> MaskSample:
+    """Per-sample uniform random masking by argsort of noise (MAE); made on `device`, no host sync."""
+    keep_count = num_visible(num_patches, ratio)
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    keep = torch.argsort(noise, dim=1)[:, :keep_count].sort(dim=1).values
+    hidden = torch.ones(batch, num_patches, dtype=torch.bool, device=device)
+    hidden.scatter_(1, keep, False)
+    return MaskSample(hidden=hidden, keep=keep)
+
+
+def mask_from_hidden(hidden: torch.Tensor) -> MaskSample:
+    """Build a MaskSample from a given bool mask with the same visible count in every row (tests, pictures)."""
+    counts = (~hidden).sum(dim=1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("every sample must have the same number of visible patches")
+    keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
+    return MaskSample(hidden=hidden, keep=keep)

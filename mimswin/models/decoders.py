@@ -1,0 +1,55 @@
+"""MIM decoders. The MAE decoder receives each encoded token with its grid position, so order can never be lost."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from mimswin.models.pos_embed import sincos_2d
+from mimswin.models.tokens import scatter_tokens
+
+
+class MAEDecoder(nn.Module):
+    """Light transformer: embed, put tokens at their positions among mask tokens, add sin-cos pos, predict pixels."""
+
+    def __init__(self, encoder_dim: int, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
+                 heads: int = 16, mlp_ratio: float = 4.0, prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.grid, self.prefix_tokens = grid, prefix_tokens
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("pos_embed", sincos_2d(dim, grid, prefix_tokens).unsqueeze(0), persistent=False)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE init: xavier-uniform linears, zero biases, unit LayerNorms, N(0, .02) mask token."""
+        nn.init.normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def place(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embedded visible tokens [B, L, dim] put at their grid positions; every other position is the mask token."""
+        return scatter_tokens(tokens, positions, self.mask_token, self.num_patches)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> per-patch predictions [B, N, out_dim]."""
+        grid = self.place(self.embed(tokens), positions) + self.pos_embed[:, self.prefix_tokens:]
+        head = self.embed(prefix) + self.pos_embed[:, : self.prefix_tokens]
+        x = self.blocks(torch.cat([head, grid], dim=1))
+        return self.pred(self.norm(x))[:, self.prefix_tokens:]
