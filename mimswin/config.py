@@ -165,12 +165,21 @@ def parse_overrides(overrides: Sequence[str]) -> List[str]:
         token = tokens.pop(0)
         bare = token[2:] if token.startswith("--") else token
         if "=" in bare:
-            result.append(bare)
+            result.append(log_with_alias(bare))
         elif token.startswith("--") and tokens and not tokens[0].startswith("--"):
-            result.append(f"{bare}={tokens.pop(0)}")
+            result.append(log_with_alias(f"{bare}={tokens.pop(0)}"))
         else:
             raise ConfigError(f"override '{token}' is not of the form key=value (e.g. optim.blr=1e-4)")
     return result
+
+
+def log_with_alias(item: str) -> str:
+    """`log_with=wandb,tensorboard` / `log_with=none` (as in accelerate's `--log_with`) -> `train.log_with=[...]`."""
+    key, _, value = item.partition("=")
+    if key != "log_with":
+        return item
+    names = [] if value.strip().lower() in ("none", "") else [n.strip() for n in value.strip("[]").split(",")]
+    return f"train.log_with=[{', '.join(names)}]"
 
 
 def load_config(

@@ -11,6 +11,8 @@ from conftest import TINY
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mimswin.config import PretrainConfig, load_config
+from mimswin.errors import ConfigError
 from mimswin.pretrain import main
 from mimswin.trackers import log_picture
 from mimswin.train.rundir import read_metrics
@@ -28,7 +30,7 @@ def tracked_run(tmp_path_factory):
         patch.setenv("WANDB_MODE", "offline")
         patch.setenv("WANDB_SILENT", "true")
         main(TINY + [f"train.output_dir={run}", "train.max_steps=4", "train.log_every=1", "train.vis_every=2",
-                     "train.log_with=[tensorboard,wandb]", "train.project=trackertest"])
+                     "--log_with", "tensorboard,wandb", "train.project=trackertest"])
     return run, read_metrics(run / "metrics.jsonl")
 
 
@@ -80,3 +82,15 @@ def test_pictures_are_sent_by_rank_zero_only():
     log_picture(SimpleNamespace(is_main_process=False, trackers=[Refusing()]), "grid", picture, 3)
     log_picture(SimpleNamespace(is_main_process=True, trackers=[Recording()]), "grid", picture, 3)
     assert logged == [(["grid"], (1, 10, 12, 3), 3, {"dataformats": "NHWC"})]
+
+
+@pytest.mark.parametrize("flag, trackers", [(["--log_with", "wandb"], ["wandb"]), (["--log_with=none"], []),
+                                            (["--log_with", "tensorboard,wandb"], ["tensorboard", "wandb"]),
+                                            (["train.log_with=[tensorboard]"], ["tensorboard"])])
+def test_log_with_flag_selects_trackers(flag, trackers):
+    assert load_config(PretrainConfig, [], flag).train.log_with == trackers
+
+
+def test_unknown_tracker_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"^config key 'train.log_with': unknown tracker\(s\) \['mlflow'\]"):
+        load_config(PretrainConfig, [], ["--log_with", "mlflow"])
