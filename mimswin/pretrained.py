@@ -34,6 +34,9 @@ def find_run_config(checkpoint: Path) -> Path:
 
 def load_pretrain_run(path: str | Path) -> PretrainRun:
     """The model of a run dir or checkpoint dir, weights loaded, in eval mode on CPU."""
+    if Path(path).is_file():
+        raise CheckpointError(f"'{path}' is a file; give the run dir or one of its checkpoints/step_* dirs (the whole "
+                              "pretraining model and the run's config are needed, not only exported weights)")
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(PretrainConfig, [find_run_config(checkpoint)])
     method = build_method(cfg)

@@ -87,7 +87,8 @@ def test_visualize_writes_pictures_of_the_expected_size_for_any_images(run, tmp_
     Image.new("L", (20, 30), 120).save(images / "gray.jpg")
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "pictures"
-    assert main(["visualize", "--from", str(run), "--images", str(images), "--out", str(out),
+    checkpoint = run / "checkpoints" / "step_00000003"
+    assert main(["visualize", "--from", str(checkpoint), "--images", str(images), "--out", str(out),
                  "--per-picture", "4"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["reconstruction_000.png", "reconstruction_001.png"]
     tile = 32 + 2  # 32-px images, 2-px padding; columns: original | masked | reconstruction | pasted
@@ -101,3 +102,6 @@ def test_visualize_and_export_report_bad_paths_in_one_line(run, tmp_path, capsys
     assert capsys.readouterr().err.strip() == f"mimswin: error: --images: '{tmp_path / 'none'}' does not exist"
     assert main(["export", "--from", str(tmp_path / "norun")]) == 2
     assert capsys.readouterr().err.strip() == f"mimswin: error: checkpoint '{tmp_path / 'norun'}' does not exist"
+    assert main(["visualize", "--from", str(run / "encoder.safetensors"), "--images", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"mimswin: error: '{run / 'encoder.safetensors'}' is a file; give the "
+                                              "run dir or one of its checkpoints/step_* dirs")
