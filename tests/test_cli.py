@@ -1,6 +1,10 @@
 """The `mimswin` command: help lists presets, dispatch, export loadable by plain timm, visualize pictures."""
 
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,6 +15,8 @@ from PIL import Image
 from mimswin.cli import main
 from mimswin.config import list_presets
 from mimswin.pretrained import load_pretrain_run
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,15 @@ def test_help_lists_every_subcommand_and_preset(capsys):
     text = capsys.readouterr().out
     for word in ("pretrain", "finetune", "linprobe", "shards", "export", "visualize", "bench", *list_presets()):
         assert word in text
+
+
+def test_console_script_points_at_main_and_help_imports_no_program():
+    scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^mimswin = "mimswin.cli:main"$', scripts, re.M)
+    probe = ("import sys; from mimswin.cli import main; main(['--help']); "
+             "print(sorted({'torch', 'timm'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "[]"
 
 
 def test_unknown_subcommand_is_one_clear_error(capsys):
