@@ -273,13 +273,15 @@ def collate(items: List[Tuple[torch.Tensor, int]], counts: Counter) -> Batch:
 class ShardLoader:
     """Same interface as `EpochLoader`: `batches_per_epoch`, `epoch(e, start_batch)` -> (images, labels) on device.
 
-    `skipped` / `skip_reasons` count the samples this rank dropped (corrupt images, unreadable shards, ...).
+    `skipped` / `skip_reasons` count the samples this rank dropped (corrupt images, unreadable shards, ...). The loader
+    has its own generator: starting an epoch must not draw from the global RNG that masks come from (exact resume).
     """
 
     def __init__(self, stream: ShardBatches, num_workers: int, device: torch.device) -> None:
         self.stream, self.device = stream, device
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                                 generator=torch.Generator())
         self.skip_reasons: Counter = Counter()
 
     @property
