@@ -192,3 +192,15 @@ def test_shard_list_matching_nothing_is_a_clear_start_up_error(tmp_path):
     spec = write_id_shards(tmp_path / "shards", [4, 4])
     with pytest.raises(DataError, match="2 shard.* cannot be split over 2 process.* x 2 worker"):
         build_shard_loader(spec, TO_8PX, 2, 2, 2, 0, 0, CPU)
+
+
+def test_pipe_urls_stream_the_same_samples_as_local_files(tmp_path):
+    spec = write_id_shards(tmp_path / "shards", [5, 7, 6])
+    piped = "::".join(f"pipe:cat {tmp_path}/shards/part-{s:06d}.tar" for s in range(3))
+    sizes = str(tmp_path / "shards" / "sizes.json")
+    local = build_shard_loader(spec, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4)
+    remote = build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4, sizes_file=sizes)
+    for (a, la), (b, lb) in zip(local.epoch(1), remote.epoch(1), strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    with pytest.raises(DataError, match="sample counts unknown"):
+        build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU)
