@@ -137,18 +137,27 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path, train):
         assert len(batches) == loader.batches_per_epoch
         seen += ids(batches)
         steps.append(len(batches))
+        if train:
+            assert loader.stream.plan.repeats(0) == (0, 0)
     assert sorted(seen) == list(range(sum(sizes)))
     if train:
         assert steps == [12, 12]
 
 
-def test_every_rank_takes_the_same_number_of_steps_on_uneven_shards(tmp_path):
-    spec = write_id_shards(tmp_path / "shards", [30, 3, 17, 1, 25])
-    counts = []
-    for rank in (0, 1):
-        loader = build_shard_loader(spec, AUGMENT, 4, 2, 2, rank, 0, CPU, batch_multiple=2)
-        counts.append([len(list(loader.epoch(e))) for e in (0, 1)])
-    assert counts == [[8, 8], [8, 8]]
+def test_uneven_shards_give_every_rank_the_same_steps_and_report_repeats_exactly(tmp_path):
+    sizes = [30, 3, 17, 1, 25]
+    spec = write_id_shards(tmp_path / "shards", sizes)
+    for epoch in (0, 1):
+        seen, steps, repeated, dropped = [], [], 0, 0
+        for rank in (0, 1):
+            loader = build_shard_loader(spec, AUGMENT, 4, 2, 2, rank, 0, CPU, batch_multiple=2)
+            seen += ids(loader.epoch(epoch))
+            steps.append(loader.batches_per_epoch)
+            extra, left_out = loader.stream.plan.repeats(epoch)
+            repeated, dropped = repeated + extra, dropped + left_out
+        assert steps == [8, 8] and len(seen) == 2 * 8 * 4
+        assert len(seen) - len(set(seen)) == repeated > 0
+        assert sum(sizes) - len(set(seen)) == dropped > 0
 
 
 @pytest.mark.parametrize("resampled", [False, True])

@@ -170,6 +170,18 @@ class ShardPlan:
         total = max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
         return before, total - before
 
+    def repeats(self, epoch: int) -> Tuple[int, int]:
+        """(extra reads of samples already read, samples never read) by this rank in a training epoch: slots whose
+        shards hold fewer or more samples than their share of batches; (0, 0): every sample of its shards once."""
+        repeated = dropped = 0
+        for slot in range(self.slots):
+            period = self.pass_size(epoch, slot)
+            if period is None:
+                continue
+            need = sum(self.slot_batches(slot, 0)) * self.batch_size
+            repeated, dropped = repeated + max(0, need - period), dropped + max(0, period - need)
+        return repeated, dropped
+
 
 class ShardBatches(IterableDataset):
     """Yields (images, labels, skip counts per reason) batches of one rank; each DataLoader worker plays one slot."""
@@ -328,6 +340,11 @@ def build_shard_loader(spec: str, transform: Callable, batch_size: int, num_work
         if plan.batches_per_epoch == 0:
             raise DataError(f"data.shards: {total} samples cannot fill one batch of {batch_size} x {num_replicas} "
                             f"process(es) x {batch_multiple} accumulation step(s)")
+        repeated, dropped = plan.repeats(0)
+        if repeated or dropped:
+            log.info("data.shards: shard sizes do not split evenly over %d process(es) x %d worker(s): rank %d reads "
+                     "%d sample(s) again and leaves out %d per epoch (epoch 0)", num_replicas, slots, rank, repeated,
+                     dropped)
     elif known is not None:
         stride = num_replicas * slots
         per_slot = [sum(sizes[rank * slots + s::stride]) for s in range(slots)]
