@@ -3,7 +3,8 @@
 An epoch is planned from (seed, epoch) alone: the shard list is shuffled and dealt to `ranks x workers` slots (or, when
 resampled, each slot draws shards with replacement from its own seeded stream). A slot reads its shards in order and
 shuffles them in windows of `shuffle_buffer` samples. Resuming at batch b skips whole consumed shards by their sizes
-and re-reads (without decoding) at most one window. Images are decoded after the shuffle, each under its own seed.
+and re-reads (without decoding) only the consumed part of the current shard and window. Images are decoded after the
+shuffle, each under its own seed. See docs/data.md for what is guaranteed.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ class ShardPlan:
         return None if None in sizes else sum(s for s in sizes if s is not None) or None
 
     def slot_batches(self, slot: int, start_batch: int) -> Tuple[int, int]:
-        """(batches of this slot before start_batch, batches it yields from there): batch j is slot j % slots'."""
+        """(batches of this slot before start_batch, batches it yields from there); batch j is from slot j % slots."""
         before = max(0, (start_batch - slot + self.slots - 1) // self.slots)
         total = max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
         return before, total - before
