@@ -1,8 +1,9 @@
 """Speed and peak memory of Swin masked image modeling: SimMIM (all tokens) vs visible-only MAE, same model/batch/size.
 
 Each variant runs forward + backward for a few steps in its own process (so peak memory is its own) and reports
-images/s and peak memory: CUDA allocator peak on GPU, growth of the process's peak RSS over its pre-training level on
-CPU. HuggingFace `SwinForMaskedImageModeling` (the same Swin, SimMIM-style) is added when transformers is installed.
+images/s, peak memory (CUDA allocator peak on GPU; on CPU, growth of the process's peak RSS over its level before the
+first step) and FLOPs of forward + backward (torch's FlopCounterMode). HuggingFace `SwinForMaskedImageModeling`
+(the same Swin, SimMIM-style) is added when transformers is installed.
 
     python benchmarks/swin_mim.py                       # swin_tiny at 224, batch 8, on GPU if there is one
     python benchmarks/swin_mim.py --batch 4 --steps 2   # quicker on a small CPU
@@ -21,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 VARIANTS = ("simmim", "mae", "hf_simmim")
 
@@ -69,12 +71,12 @@ def measure(args: argparse.Namespace, variant: str) -> Dict[str, float]:
     step = build_hf(args) if variant == "hf_simmim" else build_ours(args, variant)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
     cuda = args.device.startswith("cuda")
+    base = peak_rss_mib()
     for _ in range(args.warmup):
         step(images).backward()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    base = peak_rss_mib()
     start = time.perf_counter()
     for _ in range(args.steps):
         step(images).backward()
@@ -82,7 +84,10 @@ def measure(args: argparse.Namespace, variant: str) -> Dict[str, float]:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mib() - base
-    return {"images_per_s": args.batch * args.steps / seconds, "peak_mib": memory}
+    with FlopCounterMode(display=False) as counter:
+        step(images).backward()
+    return {"images_per_s": args.batch * args.steps / seconds, "peak_mib": memory,
+            "gflop_per_image": counter.get_total_flops() / 1e9 / args.batch}
 
 
 def run_variant(args: argparse.Namespace, variant: str, queue: multiprocessing.Queue) -> None:
@@ -130,14 +135,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     memory_kind = "CUDA peak allocated" if args.device.startswith("cuda") else "peak RSS growth"
     results = {variant: measure_apart(args, variant) for variant in variants}
     for variant, r in results.items():
-        print(f"{variant:>10}: {r['images_per_s']:8.2f} images/s  {r['peak_mib']:9.1f} MiB ({memory_kind})")
+        print(f"{variant:>10}: {r['images_per_s']:8.2f} images/s  {r['peak_mib']:9.1f} MiB ({memory_kind})  "
+              f"{r['gflop_per_image']:7.1f} GFLOP/image")
     if "mae" in results:
         mae = results["mae"]
         for variant in [v for v in results if v != "mae"]:
             other = results[variant]
             memory_ratio = other["peak_mib"] / mae["peak_mib"] if mae["peak_mib"] > 0 else float("nan")
             print(f"visible-only MAE vs {variant}: {mae['images_per_s'] / other['images_per_s']:.2f}x images/s, "
-                  f"{memory_ratio:.2f}x less memory")
+                  f"{memory_ratio:.2f}x less memory, {other['gflop_per_image'] / mae['gflop_per_image']:.2f}x fewer "
+                  f"FLOPs")
     return results
 
 

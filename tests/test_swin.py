@@ -13,6 +13,7 @@ from mimswin.masking import random_mask
 from mimswin.models import build_method
 from mimswin.models.decoders import MAEDecoder
 from mimswin.models.swin import HIDDEN_KEY_BIAS, VisibleSwin
+from mimswin.models.vit import timm_kwargs
 from mimswin.pretrain import main
 from mimswin.train.rundir import read_metrics
 
@@ -181,3 +182,18 @@ def test_exported_swin_encoder_loads_into_timm_with_the_same_features(mae_run):
         torch.testing.assert_close(reference, encoder(images))
         tokens = encoder.forward_masked(images, torch.arange(64).expand(2, -1)).tokens
         torch.testing.assert_close(reference.flatten(1, 2), tokens)
+
+
+@pytest.mark.parametrize("preset, method, grid", [
+    ("simmim_swin_base_w6_192", "SimMIM", (6, 6)), ("simmim_swin_tiny_w7_224", "SimMIM", (7, 7)),
+    ("mae_swin_base_w7_224", "MAE", (7, 7)), ("mae_swin_tiny_w7_224", "MAE", (7, 7)),
+])
+def test_full_size_presets_build_and_their_encoder_is_the_plain_timm_swin(preset, method, grid):
+    cfg = load_config(PretrainConfig, [preset], [])
+    with torch.device("meta"):
+        built = build_method(cfg)
+        m = cfg.model
+        plain = timm.create_model(m.name, pretrained=False, num_classes=0,
+                                  **timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate, m.kwargs))
+    assert type(built).__name__ == method and built.grid == grid
+    assert built.encoder.model.state_dict().keys() == plain.state_dict().keys()

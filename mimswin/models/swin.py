@@ -49,6 +49,9 @@ def check_swin(model: nn.Module) -> SwinTransformer:
                           f"stride {stride} px (patch {patch[0]} x 2^{num_merges(model)} merges)")
     for index, stage in enumerate(model.layers):
         for block in stage.blocks:
+            if getattr(block, "dynamic_mask", False):
+                raise ConfigError("config key 'model.kwargs': dynamic_mask is not supported (the shifted-window "
+                                  "mask must be precomputed)")
             res, win = block.input_resolution, block.window_size
             if res[0] % win[0] or res[1] % win[1]:
                 raise ConfigError(
