@@ -72,9 +72,8 @@ def swin_forward_with_mask_token(model: SwinTransformer, images: torch.Tensor, h
 class WindowLayout(NamedTuple):
     """Where each visible token sits among the occupied windows of one block geometry."""
 
-    gather: torch.Tensor  # [W * area]: token row feeding each window slot (the extra zero row for empty slots)
-    scatter: torch.Tensor  # [B * N]: window slot of each token
-    bias: torch.Tensor  # [W, area, area]: hidden-key mask plus timm's shifted-window region mask
+    scatter: torch.Tensor  # [B * N]: slot of each visible token among the W * area slots of the occupied windows
+    bias: torch.Tensor  # [W, area, area]: empty-slot key mask plus timm's shifted-window region mask
 
 
 def window_layout(block: SwinTransformerBlock, rows: torch.Tensor, cols: torch.Tensor, tile: int) -> WindowLayout:
@@ -90,14 +89,13 @@ def window_layout(block: SwinTransformerBlock, rows: torch.Tensor, cols: torch.T
     batch_index = torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1, 1)
     window_ids, compact = torch.unique((batch_index * windows_per_image + window).flatten(), return_inverse=True)
     scatter = compact * area + ((r % win_h) * win_w + c % win_w).flatten()
-    count = scatter.numel()
-    gather = torch.full((window_ids.numel() * area,), count, dtype=torch.long, device=rows.device)
-    gather[scatter] = torch.arange(count, device=rows.device)
-    empty = (gather == count).view(-1, 1, area)
+    occupied = torch.zeros(window_ids.numel() * area, dtype=torch.bool, device=rows.device)
+    occupied[scatter] = True
+    empty = ~occupied.view(-1, 1, area)
     bias = torch.zeros(empty.shape, device=rows.device).masked_fill(empty, HIDDEN_KEY_BIAS).expand(-1, area, -1)
     if block.attn_mask is not None:
         bias = bias + block.attn_mask[window_ids % windows_per_image]
-    return WindowLayout(gather=gather, scatter=scatter, bias=bias)
+    return WindowLayout(scatter=scatter, bias=bias)
 
 
 def visible_window_attention(attn: WindowAttention, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
@@ -107,7 +105,7 @@ def visible_window_attention(attn: WindowAttention, x: torch.Tensor, layout: Win
     slot-by-slot products pay for the hidden part of an occupied window.
     """
     qkv = attn.qkv(x)
-    slots = qkv.new_zeros(layout.gather.numel(), qkv.shape[-1]).index_copy(0, layout.scatter, qkv)
+    slots = qkv.new_zeros(layout.bias.shape[0] * attn.window_area, qkv.shape[-1]).index_copy(0, layout.scatter, qkv)
     head_dim = qkv.shape[-1] // (3 * attn.num_heads)
     q, k, v = slots.view(-1, attn.window_area, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     bias = (attn._get_rel_pos_bias() + layout.bias.unsqueeze(1)).to(q.dtype)
