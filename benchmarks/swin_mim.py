@@ -2,7 +2,8 @@
 
 Each variant runs forward + backward for a few steps in its own process (so peak memory is its own) and reports
 images/s, peak memory (CUDA allocator peak on GPU; on CPU, growth of the process's peak RSS over its level before the
-first step) and FLOPs of forward + backward (torch's FlopCounterMode). HuggingFace `SwinForMaskedImageModeling`
+first step), images per CPU-second of the process (steadier than wall time on a shared CPU; run with --threads 1)
+and FLOPs of forward + backward (torch's FlopCounterMode). HuggingFace `SwinForMaskedImageModeling`
 (the same Swin, SimMIM-style) is added when transformers is installed.
 
     python benchmarks/swin_mim.py                       # swin_tiny at 224, batch 8, on GPU if there is one
@@ -77,16 +78,17 @@ def measure(args: argparse.Namespace, variant: str) -> Dict[str, float]:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step(images).backward()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else peak_rss_mib() - base
     with FlopCounterMode(display=False) as counter:
         step(images).backward()
-    return {"images_per_s": args.batch * args.steps / seconds, "peak_mib": memory,
+    count = args.batch * args.steps
+    return {"images_per_s": count / seconds, "images_per_cpu_s": count / cpu_seconds, "peak_mib": memory,
             "gflop_per_image": counter.get_total_flops() / 1e9 / args.batch}
 
 
@@ -135,14 +137,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     memory_kind = "CUDA peak allocated" if args.device.startswith("cuda") else "peak RSS growth"
     results = {variant: measure_apart(args, variant) for variant in variants}
     for variant, r in results.items():
-        print(f"{variant:>10}: {r['images_per_s']:8.2f} images/s  {r['peak_mib']:9.1f} MiB ({memory_kind})  "
+        print(f"{variant:>10}: {r['images_per_s']:8.2f} images/s  {r['images_per_cpu_s']:8.2f} images/CPU-s  "
+              f"{r['peak_mib']:9.1f} MiB ({memory_kind})  "
               f"{r['gflop_per_image']:7.1f} GFLOP/image")
     if "mae" in results:
         mae = results["mae"]
         for variant in [v for v in results if v != "mae"]:
             other = results[variant]
             memory_ratio = other["peak_mib"] / mae["peak_mib"] if mae["peak_mib"] > 0 else float("nan")
+            cpu_ratio = mae["images_per_cpu_s"] / other["images_per_cpu_s"]
             print(f"visible-only MAE vs {variant}: {mae['images_per_s'] / other['images_per_s']:.2f}x images/s, "
+                  f"{cpu_ratio:.2f}x images/CPU-s, "
                   f"{memory_ratio:.2f}x less memory, {other['gflop_per_image'] / mae['gflop_per_image']:.2f}x fewer "
                   f"FLOPs")
     return results
