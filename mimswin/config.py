@@ -36,7 +36,10 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
+    """`unit`: side in px of the square hidden together (unset: the method's default, see docs/configuration.md)."""
+
     ratio: float = 0.75
+    unit: Optional[int] = None
 
 
 @dataclass
@@ -51,7 +54,10 @@ class DecoderConfig:
 
 @dataclass
 class LossConfig:
+    """`kind`: mse or l1 on hidden patches (unset: mse for mae, l1 for simmim)."""
+
     norm_pix: bool = True
+    kind: Optional[str] = None
 
 
 @dataclass
@@ -241,9 +247,12 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Semantic checks that types alone cannot express."""
     if hasattr(cfg, "method"):
-        _check(cfg.method in ("mae",), "method", f"unknown method '{cfg.method}' (known: mae)")
+        _check(cfg.method in ("mae", "simmim"), "method", f"unknown method '{cfg.method}' (known: mae, simmim)")
     if hasattr(cfg, "mask"):
         _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
+        _check(cfg.mask.unit is None or cfg.mask.unit > 0, "mask.unit", f"must be positive px, got {cfg.mask.unit}")
+    if hasattr(cfg, "loss"):
+        _check(cfg.loss.kind in (None, "mse", "l1"), "loss.kind", f"must be mse or l1, got '{cfg.loss.kind}'")
     if hasattr(cfg, "decoder"):
         _check(cfg.decoder.dim % cfg.decoder.heads == 0, "decoder.dim",
                f"{cfg.decoder.dim} is not divisible by decoder.heads={cfg.decoder.heads}")
