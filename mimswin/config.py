@@ -79,6 +79,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None
+    fused: Optional[bool] = None  # fused AdamW kernel; None = fused on CUDA, torch's default elsewhere
 
 
 @dataclass
@@ -99,6 +100,8 @@ class TrainConfig:
     project: str = "mimswin"
     cpu: bool = False
     progress: bool = True
+    compile: bool = False  # torch.compile the model (inductor) through accelerate
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute
 
 
 @dataclass
