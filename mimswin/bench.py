@@ -63,9 +63,11 @@ class Row:
     name: str
     images_per_s: Optional[float]
     step_ms: Optional[float] = None
+    cpu_ms: Optional[float] = None
     peak_mem_mb: Optional[float] = None
     gflops_per_image: Optional[float] = None
     mfu: Optional[float] = None
+    mfu_cpu_time: Optional[float] = None
     loss: Optional[float] = None
     note: str = ""
 
@@ -193,8 +195,8 @@ def count_step_flops(loss_fn: Callable, images: torch.Tensor, device: torch.devi
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA's allocator peak on GPU; on CPU the sampled rise of the process RSS above its
-    level at entry (torch's CPU allocator keeps no statistics)."""
+    """Peak memory of a block above its level at entry: CUDA's allocator peak on GPU; on CPU the sampled process
+    RSS (torch's CPU allocator keeps no statistics)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mb = device, 0.0
@@ -212,6 +214,7 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._thread = threading.Thread(target=self._sample, args=(self._rss_mb(),), daemon=True)
             self._thread.start()
@@ -219,7 +222,7 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2 ** 20
         else:
             self._stop.set()
             self._thread.join()
@@ -235,14 +238,39 @@ def release_memory(device: torch.device) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def measure_model(name: str, setup: Setup, device: torch.device, precision: str, steps: int, warmup: int,
-                  ceiling: float, grad_checkpointing: bool = False, compile_model: bool = False) -> Row:
-    """Median step time, images/s, peak memory, FLOPs and MFU of one model row.
+@dataclass
+class Trial:
+    """A contender under measurement and what has been measured of it so far."""
+
+    name: str
+    run: Contender
+    flops: int
+    peak_mem_mb: float
+    times: List[float] = field(default_factory=list)
+    cpu_times: List[float] = field(default_factory=list)
+    losses: List[torch.Tensor] = field(default_factory=list)
+
+
+def train_step(run: Contender, images: torch.Tensor, device: torch.device, precision: str) -> tuple:
+    """One full optimizer step; returns (wall seconds, process CPU seconds, detached loss)."""
+    synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    with autocast(device, precision):
+        loss = run.loss_fn(images)
+    loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start, loss.detach()
+
+
+def prepare_trial(name: str, setup: Setup, images: torch.Tensor, device: torch.device, precision: str, warmup: int,
+                  grad_checkpointing: bool = False, compile_model: bool = False) -> Trial:
+    """Build a contender, count its FLOPs, switch on the flags and run the warm-up steps (whose peak memory counts).
 
     FLOPs are counted before checkpointing/compile are switched on: model FLOPs, not recomputed ones."""
     release_memory(device)
     torch.manual_seed(0)
-    images = torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device)
     with PeakMemory(device) as memory:
         run = BUILDERS[name](setup, device)
         run.model.train()
@@ -252,24 +280,39 @@ def measure_model(name: str, setup: Setup, device: torch.device, precision: str,
             run.enable_checkpointing()
         if compile_model:
             run.model.compile()
-        times, losses = [], []
-        for index in range(warmup + steps):
-            synchronize(device)
-            start = time.perf_counter()
-            with autocast(device, precision):
-                loss = run.loss_fn(images)
-            loss.backward()
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-                losses.append(loss.detach())
-    step = statistics.median(times)
-    del run
-    return Row(name, images_per_s=setup.batch / step, step_ms=step * 1e3, peak_mem_mb=memory.peak_mb,
-               gflops_per_image=flops / setup.batch / 1e9, mfu=flops / step / ceiling,
-               loss=float(torch.stack(losses).float().mean()))
+        for _ in range(max(1, warmup)):
+            train_step(run, images, device, precision)
+    return Trial(name, run, flops, memory.peak_mb)
+
+
+def measure_models(names: Sequence[str], setup: Setup, device: torch.device, precision: str, steps: int,
+                   warmup: int, grad_checkpointing: bool = False, compile_model: bool = False) -> tuple:
+    """Timed steps of all contenders interleaved round by round (with a GEMM probe each round), so a busy or
+    throttling machine slows every row alike; returns (rows, GEMM ceiling FLOP/s = best probe).
+
+    On CPU, `mfu_cpu_time` divides by the step's CPU time per thread instead of wall time: the MFU the step would
+    reach with the cores to itself (spinning threads count as busy, so it errs low)."""
+    images = torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device,
+                         generator=torch.Generator(device=device).manual_seed(0))
+    trials = [prepare_trial(name, setup, images, device, precision, warmup, grad_checkpointing, compile_model)
+              for name in names]
+    ceiling = gemm_ceiling(device, precision)
+    for _ in range(steps):
+        for trial in trials:
+            seconds, cpu_seconds, loss = train_step(trial.run, images, device, precision)
+            trial.times.append(seconds)
+            trial.cpu_times.append(cpu_seconds)
+            trial.losses.append(loss)
+        ceiling = max(ceiling, gemm_ceiling(device, precision, repeats=1))
+    rows, threads = [], torch.get_num_threads()
+    for trial in trials:
+        step, cpu_step = statistics.median(trial.times), statistics.median(trial.cpu_times)
+        rows.append(Row(trial.name, images_per_s=setup.batch / step, step_ms=step * 1e3,
+                        cpu_ms=cpu_step * 1e3 if device.type == "cpu" else None,
+                        mfu_cpu_time=trial.flops / (cpu_step / threads) / ceiling if device.type == "cpu" else None,
+                        peak_mem_mb=trial.peak_mem_mb, gflops_per_image=trial.flops / setup.batch / 1e9,
+                        mfu=trial.flops / step / ceiling, loss=float(torch.stack(trial.losses).float().mean())))
+    return rows, ceiling
 
 
 def measure_loader(setup: Setup, device: torch.device, steps: int, warmup: int, num_workers: int) -> Row:
@@ -297,22 +340,24 @@ def measure_loader(setup: Setup, device: torch.device, steps: int, warmup: int, 
 def run_benchmark(setup: Setup, device: torch.device, precision: str, steps: int, warmup: int,
                   rows: Sequence[str] = ROW_NAMES, grad_checkpointing: bool = False, compile_model: bool = False,
                   num_workers: int = 2) -> Report:
-    """Measure the GEMM ceiling, then every requested row, in this process."""
-    ceiling = gemm_ceiling(device, precision)
+    """Measure every requested row and the GEMM ceiling in this process; rows keep the requested order."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    models = [row for row in rows if row in BUILDERS]
+    if "hf-vitmae" in models and importlib.util.find_spec("transformers") is None:
+        models.remove("hf-vitmae")
+    measured = {"loader": measure_loader(setup, device, steps, warmup, num_workers)} if "loader" in rows else {}
+    model_rows, ceiling = measure_models(models, setup, device, precision, steps, warmup, grad_checkpointing,
+                                         compile_model) if models else ([], gemm_ceiling(device, precision))
+    measured.update({row.name: row for row in model_rows})
     report = Report(device.type, name, precision, torch.get_num_threads(), asdict(setup), ceiling / 1e12)
-    for row in rows:
-        if row == "loader":
-            report.rows.append(measure_loader(setup, device, steps, warmup, num_workers))
-        elif row == "hf-vitmae" and importlib.util.find_spec("transformers") is None:
-            report.rows.append(Row(row, None, note="not measured: pip install 'mimswin[bench]' (transformers)"))
-        else:
-            report.rows.append(measure_model(row, setup, device, precision, steps, warmup, ceiling,
-                                             grad_checkpointing, compile_model))
+    missing = Row("hf-vitmae", None, note="not measured: pip install 'mimswin[bench]' (transformers)")
+    report.rows = [measured.get(row, missing) for row in rows]
     by_name = {row.name: row for row in report.rows if row.images_per_s}
     if "mimswin-mae" in by_name and "hf-vitmae" in by_name:
         report.ratios["mimswin_over_hf_images_per_s"] = (by_name["mimswin-mae"].images_per_s
                                                          / by_name["hf-vitmae"].images_per_s)
+        if device.type == "cpu":
+            report.ratios["mimswin_over_hf_by_cpu_time"] = by_name["hf-vitmae"].cpu_ms / by_name["mimswin-mae"].cpu_ms
     if "mimswin-mae" in by_name and "loader" in by_name:
         report.ratios["loader_over_model_images_per_s"] = (by_name["loader"].images_per_s
                                                            / by_name["mimswin-mae"].images_per_s)
@@ -332,15 +377,20 @@ def format_table(report: Report) -> str:
     def show(value: Optional[float], fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
 
+    def percent(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value * 100:.1f}%"
+
     lines = [f"device: {report.device} ({report.device_name}), {report.threads} threads, {report.precision}; "
              f"GEMM ceiling {report.gemm_tflops * 1e3:.1f} GFLOP/s",
              f"setup: {report.setup}", "",
-             "| row | images/s | step ms (median) | peak mem MB | GFLOP/image | MFU | loss | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| row | images/s | step ms (median) | CPU ms/step | peak mem MB | GFLOP/image | MFU | MFU (CPU time) "
+             "| loss | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in report.rows:
         lines.append(f"| {row.name} | {show(row.images_per_s, '.1f')} | {show(row.step_ms, '.1f')} | "
+                     f"{show(row.cpu_ms, '.0f')} | "
                      f"{show(row.peak_mem_mb, '.0f')} | {show(row.gflops_per_image, '.3f')} | "
-                     f"{show(row.mfu and row.mfu * 100, '.1f')}{'%' if row.mfu else ''} | "
+                     f"{percent(row.mfu)} | {percent(row.mfu_cpu_time)} | "
                      f"{show(row.loss, '.4f')} | {row.note} |")
     lines += [""] + [f"{key}: {value:.3f}" for key, value in report.ratios.items()]
     return "\n".join(lines)
@@ -353,8 +403,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per row (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row first")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row first")
     parser.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma list of {', '.join(ROW_NAMES)}")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model row")
     parser.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in every model row")

@@ -13,7 +13,7 @@ HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = main(["--preset", "tiny", "--device", "cpu", "--batch", "4", "--steps", "2", "--warmup", "1",
+    report = main(["--preset", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0",
                    "--num-workers", "0", "--json", str(out)])
     table = capsys.readouterr().out
     assert [row.name for row in report.rows] == list(ROW_NAMES)
