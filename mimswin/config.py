@@ -90,6 +90,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None
+    fused: Optional[bool] = None  # fused AdamW kernel; None = fused on CUDA, torch's default elsewhere
 
 
 @dataclass
@@ -110,6 +111,8 @@ class TrainConfig:
     project: str = "mimswin"
     cpu: bool = False
     progress: bool = True
+    compile: bool = False  # nn.Module.compile() in place (inductor); state_dict keys unchanged
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute
 
 
 @dataclass

@@ -19,6 +19,7 @@ from mimswin.trackers import log_picture, tracker_init_kwargs
 from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
+from mimswin.train.perf import apply_model_flags, optimizer_kwargs
 from mimswin.train.rundir import RunDir
 from mimswin.viz import reconstruction_grid, save_png
 
@@ -99,7 +100,7 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
                           "that run, or choose another output_dir")
 
     set_seed(cfg.train.seed)
-    method = build_method(cfg)
+    method = apply_model_flags(build_method(cfg), cfg.train)
     set_seed(cfg.train.seed + accelerator.process_index)
     data = build_pretrain_data(cfg.data, cfg.model.img_size, accelerator.num_processes, accelerator.process_index,
                                cfg.train.seed, accelerator.device, cfg.train.grad_accum_steps)
@@ -109,7 +110,7 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
         total_steps = min(total_steps, cfg.train.max_steps)
     effective_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     lr = scaled_lr(cfg.optim, effective_batch)
-    optimizer = build_optimizer(method, cfg.optim, lr)
+    optimizer = build_optimizer(method, cfg.optim, lr, **optimizer_kwargs(cfg.optim, accelerator.device))
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(method, optimizer)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -23,6 +24,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -43,6 +45,10 @@ class MAEDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (timm's switch name)."""
+        self.grad_checkpointing = enable
+
     def place(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Embedded visible tokens [B, L, dim] put at their grid positions; every other position is the mask token."""
         return scatter_tokens(tokens, positions, self.mask_token, self.num_patches)
@@ -51,5 +57,6 @@ class MAEDecoder(nn.Module):
         """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> per-patch predictions [B, N, out_dim]."""
         grid = self.place(self.embed(tokens), positions) + self.pos_embed[:, self.prefix_tokens:]
         head = self.embed(prefix) + self.pos_embed[:, : self.prefix_tokens]
-        x = self.blocks(torch.cat([head, grid], dim=1))
+        x = torch.cat([head, grid], dim=1)
+        x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
         return self.pred(self.norm(x))[:, self.prefix_tokens:]

@@ -6,6 +6,7 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import timm
 import torch
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -90,7 +91,9 @@ class MaskedViT(nn.Module):
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def forward_masked(self, images: torch.Tensor, keep: torch.Tensor) -> EncoderOutput:
-        """Encode only the patches at `keep` [B, L] (plus cls); tokens stay in the order of `keep`."""
+        """Encode only the patches at `keep` [B, L] (plus cls); tokens stay in the order of `keep`.
+
+        Honours timm's `set_grad_checkpointing()` like timm's own `forward_features`."""
         vit = self.model
         prefix_count = vit.num_prefix_tokens
         x = vit.patch_embed(images) + vit.pos_embed[:, prefix_count:]
@@ -99,7 +102,7 @@ class MaskedViT(nn.Module):
             cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         x = vit.norm_pre(vit.pos_drop(x))
-        x = vit.norm(vit.blocks(x))
+        x = vit.norm(checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x))
         return EncoderOutput(tokens=x[:, prefix_count:], positions=keep, prefix=x[:, :prefix_count])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
