@@ -135,3 +135,22 @@ def test_compile_flag_compiles_in_place_keeping_state_dict_keys(mae):
     assert apply_model_flags(mae, cfg) is mae
     assert mae._compiled_call_impl is not None
     assert list(mae.state_dict()) == keys
+
+
+@pytest.mark.parametrize("preset", ["tiny_mae_swin_cpu", "tiny_simmim_swin_cpu"])
+def test_swin_grad_checkpointing_recomputes_blocks_and_gives_the_same_grads(preset):
+    torch.manual_seed(0)
+    model = build_method(load_config(PretrainConfig, [preset], ["model.drop_path_rate=0.1"]))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = model.draw_mask(2, torch.device("cpu"), torch.Generator().manual_seed(2))
+    block = model.encoder.model.layers[0].blocks[0]
+    calls = []
+    block.norm1.register_forward_pre_hook(lambda *_: calls.append(1))  # block's first op: recompute may stop early
+    plain_loss, plain_grads = loss_and_grads(model, images, mask)
+    plain_calls, calls[:] = len(calls), []
+    assert plain_calls == 1
+    enable_grad_checkpointing(model)
+    ckpt_loss, ckpt_grads = loss_and_grads(model, images, mask)
+    assert len(calls) == 2 * plain_calls, "the checkpointed block must run again in backward"
+    torch.testing.assert_close(ckpt_loss, plain_loss, **EXACT_TOL)
+    assert_same_grads(ckpt_grads, plain_grads, EXACT_TOL)

@@ -17,6 +17,7 @@ from einops import rearrange
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mimswin.errors import ConfigError
 from mimswin.models.vit import EncoderOutput
@@ -159,7 +160,8 @@ class VisibleSwin(nn.Module):
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def forward_masked(self, images: torch.Tensor, keep: torch.Tensor) -> EncoderOutput:
-        """Encode only the cells listed in `keep` [B, L] (final-grid indices); tokens stay in the order of `keep`."""
+        """Encode only the cells listed in `keep` [B, L] (final-grid indices); tokens stay in the order of `keep`.
+        Honours timm's `set_grad_checkpointing()` per stage, like timm's own forward."""
         swin, (batch, length) = self.model, keep.shape
         tile = 2 ** num_merges(swin)
         x = rearrange(swin.patch_embed(images), "b (h t1) (w t2) c -> b (h w) t1 t2 c", t1=tile, t2=tile)
@@ -176,7 +178,10 @@ class VisibleSwin(nn.Module):
                 key = (block.window_size, block.shift_size)
                 if key not in layouts:
                     layouts[key] = window_layout(block, rows, cols, tile)
-                x = visible_block(block, x, layouts[key])
+                if stage.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(visible_block, block, x, layouts[key], use_reentrant=False)
+                else:
+                    x = visible_block(block, x, layouts[key])
             x = x.view(shape)
         tokens = swin.norm(x.reshape(batch, length, -1))
         return EncoderOutput(tokens=tokens, positions=keep, prefix=tokens.new_zeros(batch, 0, tokens.shape[-1]))
