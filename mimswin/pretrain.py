@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -33,9 +34,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
     parser.add_argument("--config", action="append", default=[],
                         help="YAML preset path or name under configs/ (repeatable; later ones win)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from the latest checkpoint of train.output_dir ('auto', the default when the "
-                             "flag has no value) or from a given run/checkpoint dir")
-    return parser.parse_known_args(argv)
+                        help="'auto' (the default when the flag has no value): continue from the latest complete "
+                             "checkpoint of train.output_dir, or start fresh if it has none; or a run/checkpoint dir")
+    args, overrides = parser.parse_known_args(argv)
+    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
+        overrides.insert(0, args.resume)  # `--resume key=value`: the bare flag followed by an override
+        args.resume = "auto"
+    return args, overrides
 
 
 class PretrainPictures:

@@ -12,6 +12,7 @@ from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_skipping_none
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.errors import DataError
+from mimswin.train.preemption import ignore_stop_signals
 
 
 class EpochLoader:
@@ -26,7 +27,7 @@ class EpochLoader:
         self.loader = DataLoader(
             SeededSamples(dataset), batch_size=sampler.batch_size, sampler=sampler, num_workers=num_workers,
             drop_last=True, collate_fn=collate_skipping_none, pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0, generator=torch.Generator(),
+            persistent_workers=num_workers > 0, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
         )
 
     @property
