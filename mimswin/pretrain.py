@@ -16,9 +16,10 @@ from mimswin.errors import ConfigError, MimswinError
 from mimswin.export import export_encoder
 from mimswin.models import build_method
 from mimswin.models.vit import timm_kwargs
-from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint
+from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint, resumable_checkpoint, warn_stderr
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
+from mimswin.train.preemption import EXIT_PREEMPTED, Preempted
 from mimswin.train.rundir import RunDir
 from mimswin.viz import reconstruction_grid, save_png
 
@@ -94,7 +95,9 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
     checkpoint = None
     if resume is not None:
-        checkpoint = latest_checkpoint(run_dir.checkpoints) if resume == "auto" else resolve_checkpoint(resume)
+        warn = warn_stderr if accelerator.is_main_process else (lambda message: None)
+        checkpoint = (resumable_checkpoint(run_dir.checkpoints, warn) if resume == "auto"
+                      else resolve_checkpoint(resume, warn))
         if checkpoint is None:
             accelerator.print(f"--resume: no checkpoint in {run_dir.checkpoints}; starting fresh")
     elif latest_checkpoint(run_dir.checkpoints) is not None:
@@ -159,12 +162,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2; a preempted run (SIGTERM/SIGUSR1,
+    checkpoint saved) exits with code 75 so a scheduler requeues it."""
     try:
         main(argv)
     except MimswinError as err:
         print(f"mimswin: error: {err}", file=sys.stderr)
         return 2
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -1,20 +1,24 @@
 """Resumable checkpoints that cannot run code: safetensors weights, `weights_only=True` tensors, JSON counters.
 
 Layout of `checkpoints/step_00001000/`: model.safetensors, optimizer.pt, scaler.pt (fp16 only), rng_<rank>.pt per rank,
-state.json (counters and metadata). A checkpoint is written into `.tmp-step_*`, fsynced and renamed when complete; the
-file `checkpoints/latest` (replaced atomically) names the newest complete one. A kill at any point leaves the previous
-checkpoint usable; leftovers of a killed save are `.tmp-*` names, never taken for a checkpoint and removed by the next
-save.
+state.json (counters, metadata and a manifest: size and SHA-256 of every other file). A checkpoint is written into
+`.tmp-step_*`, fsynced and renamed when complete; the file `checkpoints/latest` (replaced atomically) names the newest
+complete one. A kill at any point leaves the previous checkpoint usable; leftovers of a killed save are `.tmp-*` names,
+never taken for a checkpoint and removed by the next save. Resuming checks the manifest: a damaged newest checkpoint
+(truncated or corrupted after it was written) is skipped with a warning for the previous good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import safetensors.torch
@@ -41,10 +45,12 @@ def safe_torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file '{path}' is missing") from None
     except Exception as err:
-        blocked = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        named = re.search(r"GLOBAL (\S+)", str(err))
+        blocked = named or re.search(r"Unsupported [^.:]*", str(err))
         if blocked:
-            raise CheckpointError(f"refusing to load '{path}': it holds more than tensors ({blocked[0][:150]}); "
-                                  "unpickling it could run code, so mimswin only loads plain tensor files") from None
+            what = f"'{named.group(1)}'" if named else f"an unsupported operation ({blocked.group(0)[:80]})"
+            raise CheckpointError(f"refusing to load '{path}': unpickling it would call {what}, which could run "
+                                  "code; mimswin only loads plain tensor files (weights_only=True)") from None
         raise CheckpointError(f"cannot load '{path}': not a readable tensor file ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
 
@@ -94,13 +100,71 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return complete[-1] if complete else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir / checkpoints dir whose latest complete checkpoint is taken."""
+def warn_stderr(message: str) -> None:
+    print(f"mimswin: warning: {message}", file=sys.stderr)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of every file in a checkpoint dir but state.json (which holds this manifest)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != "state.json"}
+
+
+def checkpoint_damage(path: Path) -> Optional[str]:
+    """Why the checkpoint dir `path` cannot be trusted (unreadable state.json, a file missing, truncated or changed
+    since it was saved), or None when it is intact. Checkpoints saved without a manifest are checked for state.json
+    alone."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable state.json ({_first_line(err)})"
+    if not isinstance(state, dict):
+        return "state.json does not hold a mapping"
+    for name, expected in (state.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, {expected['bytes']} were saved (truncated or overwritten)"
+        if file_sha256(file) != expected["sha256"]:
+            return f"{name} does not match the SHA-256 saved with it (corrupted)"
+    return None
+
+
+def resumable_checkpoint(root: Path, warn: Callable[[str], None] = warn_stderr) -> Optional[Path]:
+    """The newest intact checkpoint under `root` (the one `latest` names first, then by step, newest first), or None.
+    Each damaged one passed over is reported through `warn`."""
+    if not root.is_dir():
+        return None
+    candidates = [p for p in [latest_checkpoint(root), *reversed(complete_checkpoints(root))] if p is not None]
+    for candidate in dict.fromkeys(candidates):
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            return candidate
+        warn(f"checkpoint '{candidate}' is damaged ({damage}); falling back to the previous one")
+    return None
+
+
+def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] = warn_stderr) -> Path:
+    """A checkpoint dir (which must be intact), or a run dir / checkpoints dir whose newest intact checkpoint is
+    taken."""
     path = Path(path).expanduser()
     if (path / "state.json").is_file():
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise CheckpointError(f"checkpoint '{path}' is damaged: {damage}")
         return path
     for root in (path / "checkpoints", path):
-        found = latest_checkpoint(root) if root.is_dir() else None
+        found = resumable_checkpoint(root, warn)
         if found is not None:
             return found
     if not path.exists():
@@ -191,8 +255,9 @@ def _agree_on_failure(accelerator: Accelerator, error: Optional[OSError], root: 
 def save_checkpoint(accelerator: Accelerator, root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     counters: Dict[str, Any], keep_last: int, meta: Dict[str, Any],
                     keep_every: Optional[int] = None) -> Path:
-    """Collective: every rank calls it. Rank 0 writes weights/optimizer/state, each rank its RNG file, all into
-    `.tmp-step_*`, fsynced, then renamed; a failed write (e.g. a full disk) raises CheckpointError on every rank."""
+    """Collective: every rank calls it. Each rank writes its RNG file, then rank 0 weights/optimizer and state.json
+    (with the manifest of the others), all into `.tmp-step_*`, fsynced, then renamed; a failed write (e.g. a full
+    disk) raises CheckpointError on every rank and leaves the previous checkpoint as it was."""
     name = f"{STEP_PREFIX}{counters['step']:08d}"
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
     main = accelerator.is_main_process
@@ -209,14 +274,16 @@ def save_checkpoint(accelerator: Accelerator, root: Path, model: torch.nn.Module
         write_torch(tmp / f"rng_{accelerator.process_index}.pt", rng_state())
     except OSError as err:
         error = err
+    _agree_on_failure(accelerator, error, root, tmp, final)
     state_dict = accelerator.get_state_dict(model)
-    if main and error is None:
+    if main:
         try:
             write_tensors(tmp / "model.safetensors", state_dict)
             write_torch(tmp / "optimizer.pt", optimizer.state_dict())
             if accelerator.scaler is not None:
                 write_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
-            write_json(tmp / "state.json", dict(counters, world_size=accelerator.num_processes, meta=meta))
+            write_json(tmp / "state.json", dict(counters, world_size=accelerator.num_processes, meta=meta,
+                                                files=file_manifest(tmp)))
         except OSError as err:
             error = err
     _agree_on_failure(accelerator, error, root, tmp, final)
