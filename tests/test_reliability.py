@@ -234,8 +234,18 @@ def test_a_pickle_that_would_run_code_is_refused_with_a_clear_error(tmp_path, re
     assert marker.read_text() == "ran"
 
 
-def test_full_disk_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
+@pytest.fixture
+def small_disk(tmp_path, reference, monkeypatch):
+    """A tmpfs with room for the run and one checkpoint but not two (needs root); elsewhere a simulated full disk:
+    the write of the step-4 weights fails with ENOSPC after writing part of the file."""
+    checkpoint_bytes = sum(p.stat().st_size for p in (reference / "checkpoints" / "step_00000003").iterdir())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={int(checkpoint_bytes * 1.5) + 64 * 1024}", "tmpfs", str(disk)]
+    if os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0:
+        yield disk
+        subprocess.run(["umount", str(disk)], check=True)
+        return
     write_tensors = checkpoint.write_tensors
 
     def disk_fills_at_step_4(path: Path, tensors: dict) -> None:
@@ -245,6 +255,11 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint_and_says_so(tmp_pat
         write_tensors(path, tensors)
 
     monkeypatch.setattr(checkpoint, "write_tensors", disk_fills_at_step_4)
+    yield disk
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint_and_says_so(small_disk, capsys):
+    run = small_disk / "run"
     code, line = last_error_line(cli(TINY + [f"train.output_dir={run}", "train.max_steps=4", "train.save_every=2"]),
                                  capsys)
     root = run / "checkpoints"

@@ -181,19 +181,35 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def write_tensors(path: Path, tensors: Dict[str, torch.Tensor]) -> None:
-    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    fsync_path(path)
+    """Safetensors file, written by Python so a full disk is an OSError (safetensors' own writer raises its own
+    error type); costs one in-memory copy of the weights."""
+    write_bytes(path, safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def write_torch(path: Path, obj: Any) -> None:
-    torch.save(obj, path)
-    fsync_path(path)
+    """torch.save into a Python file; torch reports a failed write as RuntimeError, which is turned back into the
+    OSError behind it (e.g. ENOSPC)."""
+    try:
+        with path.open("wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1))
-    fsync_path(path)
+    write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def remove_stale(root: Path) -> None:
