@@ -204,6 +204,15 @@ def test_damaged_latest_falls_back_to_the_previous_good_one_with_a_warning(tmp_p
     assert_same_weights(weights(reference), weights(run))
 
 
+def test_only_damaged_checkpoints_are_an_error_not_a_silent_fresh_start(tmp_path, reference, capsys):
+    root = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints" / "step_00000003", root / "step_00000003")
+    (root / "step_00000003" / "rng_0.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"every checkpoint under '.*checkpoints' is damaged"):
+        checkpoint.resumable_checkpoint(root)
+    assert "rng_0.pt is missing" in capsys.readouterr().err
+
+
 class HostilePickle:
     def __init__(self, marker: Path) -> None:
         self.marker = marker

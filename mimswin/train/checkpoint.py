@@ -129,6 +129,8 @@ def checkpoint_damage(path: Path) -> Optional[str]:
     if not isinstance(state, dict):
         return "state.json does not hold a mapping"
     for name, expected in (state.get("files") or {}).items():
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= expected.keys():
+            return f"state.json has a malformed manifest entry for {name}"
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -141,8 +143,9 @@ def checkpoint_damage(path: Path) -> Optional[str]:
 
 
 def resumable_checkpoint(root: Path, warn: Callable[[str], None] = warn_stderr) -> Optional[Path]:
-    """The newest intact checkpoint under `root` (the one `latest` names first, then by step, newest first), or None.
-    Each damaged one passed over is reported through `warn`."""
+    """The newest intact checkpoint under `root` (the one `latest` names first, then by step, newest first), or None
+    when there is no checkpoint. Each damaged one passed over is reported through `warn`; if all are damaged, that is
+    an error rather than a silent fresh start."""
     if not root.is_dir():
         return None
     candidates = [p for p in [latest_checkpoint(root), *reversed(complete_checkpoints(root))] if p is not None]
@@ -151,6 +154,8 @@ def resumable_checkpoint(root: Path, warn: Callable[[str], None] = warn_stderr) 
         if damage is None:
             return candidate
         warn(f"checkpoint '{candidate}' is damaged ({damage}); falling back to the previous one")
+    if candidates:
+        raise CheckpointError(f"every checkpoint under '{root}' is damaged; move them away to start afresh")
     return None
 
 
