@@ -65,6 +65,11 @@ class DataConfig:
     hflip: float = 0.5
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    shards: Optional[str] = None
+    shard_sizes: Optional[str] = None
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    samples_per_epoch: Optional[int] = None
 
 
 @dataclass
@@ -243,6 +248,10 @@ def validate(cfg: Any) -> None:
     _check(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1, "data.crop_scale",
            f"must be [min, max] with 0 < min <= max <= 1, got {data.crop_scale}")
     _check(len(data.mean) == len(data.std) == 3, "data.mean", "data.mean and data.std need three values each")
+    _check(data.shards is None or data.path is None, "data.shards", "give data.shards or data.path, not both")
+    _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
+    _check(data.samples_per_epoch is None or data.samples_per_epoch > 0, "data.samples_per_epoch",
+           f"must be positive, got {data.samples_per_epoch}")
     _check(len(optim.betas) == 2, "optim.betas", f"needs two values, got {optim.betas}")
     _check(train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",

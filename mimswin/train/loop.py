@@ -167,6 +167,9 @@ class Trainer:
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss, "lr": self.current_lr(),
                   "grad_norm": grad_norm, "skipped_steps": self.state.skipped_steps,
                   "images_per_s": self._images / elapsed if elapsed > 0 else 0.0, **(extra or {})}
+        if hasattr(self.data, "skipped"):
+            skipped = torch.tensor(float(self.data.skipped), device=self.accelerator.device)
+            record["skipped"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
         for total in (self._loss_sum, self._loss_count, self._grad_norm_sum):
             total.zero_()
         self._micro_batches = self._good_steps = self._images = 0
