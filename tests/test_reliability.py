@@ -297,3 +297,9 @@ def test_an_output_dir_that_cannot_be_written_is_one_clear_error(tmp_path, capsy
     code, line = last_error_line(cli(TINY + [f"train.output_dir={blocker / 'run'}"]), capsys)
     assert (code, line) == (2, f"mimswin: error: train.output_dir: cannot write to '{blocker / 'run'}': "
                                "Not a directory")
+
+
+def test_bare_resume_flag_followed_by_an_override_means_auto():
+    from mimswin.pretrain import parse_args
+    args, overrides = parse_args(["--resume", "train.max_steps=3", "--config", "tiny_mae_vit_cpu"])
+    assert args.resume == "auto" and overrides == ["train.max_steps=3"]
