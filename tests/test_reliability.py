@@ -77,17 +77,18 @@ def test_sigkill_mid_step_mid_save_and_before_latest_then_resume_equals_uninterr
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
-def test_sigterm_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):
+def test_sigterm_to_the_process_group_saves_at_the_step_boundary_exits_75_and_resume_continues(tmp_path):
+    """Like SLURM, the signal goes to every process of the group, DataLoader workers included."""
     run = tmp_path / "run"
     args = TINY + [f"train.output_dir={run}", "train.max_steps=100000", "train.log_every=1",
                    "train.save_every=100000"]
-    process = subprocess.Popen([sys.executable, str(KILLABLE), "none", "0", *args], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, str(KILLABLE), "none", "0", *args, "data.num_workers=2"], cwd=REPO,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (run / "metrics.jsonl").is_file() or len(read_metrics(run / "metrics.jsonl")) < 2:
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by SIGTERM" in out and "--resume" in out

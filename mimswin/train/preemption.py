@@ -5,6 +5,8 @@ The handler only records the signal; the loop core polls it at step boundaries, 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 import threading
 from pathlib import Path
@@ -45,10 +47,20 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: SLURM signals every process of a job; a worker killed by it would make the
-    loader raise mid-step, so workers ignore the stop signals and leave the stop to the main process."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader `worker_init_fn`: SLURM signals every process of a job, and a worker killed by it would make the
+    loader raise mid-step (even mid-save), so workers leave the stop to the main process: they ignore SIGUSR1, and
+    SIGTERM unless it comes from the process that started them (multiprocessing stops workers so at exit)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from, args=(parent.pid if parent else os.getppid(),),
+                     name="mimswin-sigterm", daemon=True).start()
+
+
+def _exit_on_sigterm_from(parent_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+            os._exit(0)
 
 
 def signal_name(signum: int) -> str:
