@@ -113,6 +113,9 @@ class TrainConfig:
     progress: bool = True
     compile: bool = False  # nn.Module.compile() in place (inductor); state_dict keys unchanged
     grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~1/3 more compute
+    keep_every: Optional[int] = None
+    max_nonfinite_steps: int = 20
+    stop_check_every: Optional[int] = None
 
 
 @dataclass
@@ -278,3 +281,6 @@ def validate(cfg: Any) -> None:
     _check(not unknown, "train.log_with", f"unknown tracker(s) {sorted(unknown)} (known: wandb, tensorboard)")
     for key in ("log_every", "save_every", "vis_every", "keep_last", "epochs"):
         _check(getattr(train, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(train, key)}")
+    for key in ("keep_every", "stop_check_every", "max_nonfinite_steps"):
+        value = getattr(train, key)
+        _check(value is None or value >= 1, f"train.{key}", f"must be >= 1, got {value}")

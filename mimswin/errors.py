@@ -15,3 +15,7 @@ class DataError(MimswinError):
 
 class CheckpointError(MimswinError):
     """A checkpoint is missing, unsafe, or belongs to another architecture."""
+
+
+class TrainingError(MimswinError):
+    """Training cannot go on (e.g. the loss stayed non-finite for too many steps in a row)."""

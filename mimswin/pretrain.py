@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -16,10 +17,11 @@ from mimswin.export import export_encoder
 from mimswin.models import build_method
 from mimswin.models.vit import timm_kwargs
 from mimswin.trackers import log_picture, tracker_init_kwargs
-from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint
+from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint, resumable_checkpoint, warn_stderr
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
 from mimswin.train.perf import apply_model_flags, optimizer_kwargs
+from mimswin.train.preemption import EXIT_PREEMPTED, Preempted
 from mimswin.train.rundir import RunDir
 from mimswin.viz import reconstruction_grid, save_png
 
@@ -35,9 +37,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
     parser.add_argument("--config", action="append", default=[],
                         help="YAML preset path or name under configs/ (repeatable; later ones win)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="continue from the latest checkpoint of train.output_dir ('auto', the default when the "
-                             "flag has no value) or from a given run/checkpoint dir")
-    return parser.parse_known_args(argv)
+                        help="'auto' (the default when the flag has no value): continue from the latest complete "
+                             "checkpoint of train.output_dir, or start fresh if it has none; or a run/checkpoint dir")
+    args, overrides = parser.parse_known_args(argv)
+    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
+        overrides.insert(0, args.resume)  # `--resume key=value`: the bare flag followed by an override
+        args.resume = "auto"
+    return args, overrides
 
 
 class PretrainPictures:
@@ -92,7 +98,9 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
     checkpoint = None
     if resume is not None:
-        checkpoint = latest_checkpoint(run_dir.checkpoints) if resume == "auto" else resolve_checkpoint(resume)
+        warn = warn_stderr if accelerator.is_main_process else (lambda message: None)
+        checkpoint = (resumable_checkpoint(run_dir.checkpoints, warn) if resume == "auto"
+                      else resolve_checkpoint(resume, warn))
         if checkpoint is None:
             accelerator.print(f"--resume: no checkpoint in {run_dir.checkpoints}; starting fresh")
     elif latest_checkpoint(run_dir.checkpoints) is not None:
@@ -157,12 +165,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2; a preempted run (SIGTERM/SIGUSR1,
+    checkpoint saved) exits with code 75 so a scheduler requeues it."""
     try:
         main(argv)
     except MimswinError as err:
         print(f"mimswin: error: {err}", file=sys.stderr)
         return 2
+    except Preempted:
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -24,7 +24,9 @@ def test_two_cpu_ranks_agree_and_only_rank_zero_writes(tmp_path):
     assert all(r["world"] == 2 and r["steps"] == 3 for r in ranks)
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     assert ranks[0]["writes"], "rank 0 should have written the run dir"
-    assert ranks[1]["writes"] == [], ranks[1]["writes"]
+    # rank 1 writes nothing but its own RNG state into each checkpoint being saved
+    assert [Path(w).name for w in ranks[1]["writes"]] == ["rng_1.pt", "rng_1.pt"], ranks[1]["writes"]
+    assert all("/checkpoints/.tmp-step_" in w for w in ranks[1]["writes"]), ranks[1]["writes"]
 
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
     final = run / "checkpoints" / "step_00000003"

@@ -13,6 +13,7 @@ from mimswin.data.shard_reader import ShardLoader, build_shard_loader, shard_pre
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_counting_skips
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.errors import DataError
+from mimswin.train.preemption import ignore_stop_signals
 
 
 class EpochLoader:
@@ -28,7 +29,7 @@ class EpochLoader:
         self.loader = DataLoader(
             SeededSamples(dataset), batch_size=sampler.batch_size, sampler=sampler, num_workers=num_workers,
             drop_last=True, collate_fn=collate_counting_skips, pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0, generator=torch.Generator(),
+            persistent_workers=num_workers > 0, generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
         )
         self.skipped = 0
 

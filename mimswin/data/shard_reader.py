@@ -29,6 +29,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from mimswin.data.sampler import sample_seed
 from mimswin.data.sources import to_rgb
 from mimswin.errors import DataError
+from mimswin.train.preemption import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 SIZES_FILE = "sizes.json"
@@ -294,7 +295,7 @@ class ShardLoader:
         self.stream, self.device = stream, device
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-                                 generator=torch.Generator())
+                                 generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
         self.skip_reasons: Counter = Counter()
 
     @property

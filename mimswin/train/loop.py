@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
 
@@ -14,7 +15,9 @@ from tqdm.auto import tqdm
 
 from mimswin.config import TrainConfig
 from mimswin.data.build import EpochLoader
-from mimswin.train.checkpoint import load_checkpoint, save_checkpoint
+from mimswin.errors import TrainingError
+from mimswin.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mimswin.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopSignals, signal_name
 from mimswin.train.rundir import RunDir
 
 LossFn = Callable[[torch.nn.Module, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
@@ -22,11 +25,15 @@ LossFn = Callable[[torch.nn.Module, Tuple[torch.Tensor, torch.Tensor]], torch.Te
 
 @dataclass
 class TrainState:
-    """Counters saved with every checkpoint; `batch_in_epoch` counts micro-batches, so resume is exact mid-epoch."""
+    """Counters saved with every checkpoint; `batch_in_epoch` counts micro-batches, so resume is exact mid-epoch.
+    `skipped_steps` counts optimizer steps skipped for a non-finite loss or gradient, `nonfinite_in_row` the current
+    run of them."""
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
 
 
 class Callback(Protocol):
@@ -64,7 +71,10 @@ class Trainer:
         self.state = TrainState()
         self.history: list[Dict[str, Any]] = []
         self._loss_sum = torch.zeros((), device=accelerator.device)
-        self._loss_count = 0
+        self._loss_count = torch.zeros((), device=accelerator.device)
+        self._grad_norm_sum = torch.zeros((), device=accelerator.device)
+        self._micro_batches = self._good_steps = 0
+        self._saved_step = -1
         self._images = 0
         self._clock = time.perf_counter()
 
@@ -75,42 +85,95 @@ class Trainer:
     def resume(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG of this rank and the exact data position."""
         saved = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
-        self.state = TrainState(saved["step"], saved["epoch"], saved["batch_in_epoch"])
+        self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+        self._saved_step = self.state.step
         self.accelerator.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                                f"batch {self.state.batch_in_epoch})")
 
     def save(self) -> Path:
-        return save_checkpoint(self.accelerator, self.run_dir.checkpoints, self.model, self.optimizer,
-                               asdict(self.state), self.cfg.keep_last, self.meta)
+        """Checkpoint the current step (once: a step already saved, e.g. just resumed, is not written again)."""
+        if self._saved_step == self.state.step:
+            return latest_checkpoint(self.run_dir.checkpoints) or self.run_dir.checkpoints
+        path = save_checkpoint(self.accelerator, self.run_dir.checkpoints, self.model, self.optimizer,
+                               asdict(self.state), self.cfg.keep_last, self.meta, self.cfg.keep_every)
+        self._saved_step = self.state.step
+        return path
 
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
-    def _train_micro_batch(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _train_micro_batch(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Optional[bool]:
+        """Forward/backward one micro-batch; at the last of an accumulation window also the guarded optimizer step,
+        whose outcome (True: weights updated, False: skipped as non-finite) is returned, else None."""
         self.scheduler.step_update(self.state.step)
+        stepped = None
         with self.accelerator.accumulate(self.model):
             loss = self.loss_fn(self.model, batch)
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.clip_grad is not None:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-            self.optimizer.step()
+            finite = torch.isfinite(loss.detach())
+            # A non-finite loss poisons this rank's gradients (x NaN), so the gradient check below, made after DDP has
+            # reduced gradients over ranks, skips the step on every rank alike without an extra collective.
+            self.accelerator.backward(loss * torch.where(finite, 1.0, math.nan).to(loss.dtype))
+            if self.accelerator.sync_gradients:
+                stepped = self._guarded_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
-        self._loss_sum += loss.detach().float()
-        self._loss_count += 1
+        self._loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+        self._loss_count += finite
+        self._micro_batches += 1
         self._images += batch[0].shape[0] * self.accelerator.num_processes
         self.state.batch_in_epoch += 1
+        return stepped
+
+    def _guarded_optimizer_step(self) -> bool:
+        """Clip (or only measure) the gradient norm; step unless it is non-finite, so a NaN never reaches the weights
+        or the optimizer moments. fp16: the GradScaler skips such steps itself (and lowers its scale)."""
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf)
+        if self.accelerator.scaler is not None:
+            self.optimizer.step()
+            stepped = not self.optimizer.step_was_skipped
+        else:
+            stepped = norm is None or bool(torch.isfinite(norm))  # one host sync per optimizer step
+            if stepped:
+                self.optimizer.step()
+        if stepped and norm is not None:
+            self._grad_norm_sum += norm.detach().float()
+            self._good_steps += 1
+        return stepped
+
+    def _count_nonfinite(self, stepped: bool) -> None:
+        """Count skipped steps; stop with one clear line after `max_nonfinite_steps` in a row."""
+        if stepped:
+            self.state.nonfinite_in_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.nonfinite_in_row += 1
+        in_row, limit = self.state.nonfinite_in_row, self.cfg.max_nonfinite_steps
+        self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient, update skipped "
+                               f"({in_row} in a row, {self.state.skipped_steps} in all)")
+        if in_row >= limit:
+            self.log()
+            last = latest_checkpoint(self.run_dir.checkpoints)
+            raise TrainingError(
+                f"stopping at step {self.state.step}: {in_row} steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}; try a lower optim.blr, "
+                "optim.clip_grad or train.mixed_precision=bf16")
 
     def log(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Mean loss over ranks and micro-batches since the last log, lr, images/s; to JSONL, trackers, progress bar."""
-        mean_loss = self.accelerator.reduce(self._loss_sum / max(1, self._loss_count), reduction="mean").item()
+        loss_sum, loss_count = self.accelerator.reduce(torch.stack([self._loss_sum, self._loss_count]),
+                                                       reduction="sum").tolist()
+        mean_loss = loss_sum / loss_count if loss_count else math.nan
+        grad_norm = self._grad_norm_sum.item() / self._good_steps if self._good_steps else math.nan
         elapsed = time.perf_counter() - self._clock
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss, "lr": self.current_lr(),
+                  "grad_norm": grad_norm, "skipped_steps": self.state.skipped_steps,
                   "images_per_s": self._images / elapsed if elapsed > 0 else 0.0, **(extra or {})}
         if hasattr(self.data, "skipped"):
             skipped = torch.tensor(float(self.data.skipped), device=self.accelerator.device)
             record["skipped"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
-        self._loss_sum.zero_()
-        self._loss_count, self._images, self._clock = 0, 0, time.perf_counter()
+        for total in (self._loss_sum, self._loss_count, self._grad_norm_sum):
+            total.zero_()
+        self._micro_batches = self._good_steps = self._images = 0
+        self._clock = time.perf_counter()
         self.history.append(record)
         self.run_dir.log_metrics(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
@@ -125,30 +188,60 @@ class Trainer:
             if method is not None:
                 method(self)
 
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank got SIGTERM/SIGUSR1. Ranks agree by a sum all-reduce every `stop_check_every` steps
+        (default: every step on CPU, every 10 on GPU, where reading the result is a host sync); one process needs no
+        collective and checks every step."""
+        if self.accelerator.num_processes == 1:
+            return signals.received is not None
+        every = self.cfg.stop_check_every or (1 if self.accelerator.device.type == "cpu" else 10)
+        if self.state.step % every:
+            return False
+        flag = torch.tensor(0.0 if signals.received is None else 1.0, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def _preempt(self, signals: StopSignals) -> Preempted:
+        """Save the finished step, flush trackers and say how to continue; the caller raises the result."""
+        if self._micro_batches:
+            self.log()
+        path = self.save()
+        signum = signals.received or STOP_SIGNALS[0]
+        self.accelerator.print(f"stopped by {signal_name(signum) if signals.received else 'another rank'} after "
+                               f"step {self.state.step}: checkpoint '{path}' saved; continue with --resume "
+                               f"(exit code {EXIT_PREEMPTED})")
+        self.progress.close()
+        self.accelerator.end_training()
+        return Preempted(signum, self.state.step, path)
+
     def fit(self) -> TrainState:
-        """Train until `total_steps`; save every `save_every` steps and at the end."""
+        """Train until `total_steps`; save every `save_every` steps and at the end. On SIGTERM/SIGUSR1: finish the
+        step, save, raise `Preempted` (exit code 75)."""
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                              disable=not (self.accelerator.is_main_process and self.cfg.progress))
         self.model.train()
-        while self.state.step < self.total_steps:
-            for batch in self.data.epoch(self.state.epoch, self.state.batch_in_epoch):
-                self._train_micro_batch(batch)
-                if self.state.batch_in_epoch % self.grad_accum_steps:
-                    continue
-                self.state.step += 1
-                self.progress.update(1)
-                if self.state.step % self.cfg.log_every == 0:
-                    self.log()
-                self._call("on_step")
-                if self.state.step % self.cfg.save_every == 0 and self.state.step < self.total_steps:
-                    self.save()
-                if self.state.step >= self.total_steps:
-                    break
-            else:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                self._call("on_epoch_end")
-        if self._loss_count:
+        with StopSignals() as signals:
+            while self.state.step < self.total_steps:
+                for batch in self.data.epoch(self.state.epoch, self.state.batch_in_epoch):
+                    stepped = self._train_micro_batch(batch)
+                    if self.state.batch_in_epoch % self.grad_accum_steps:
+                        continue
+                    self.state.step += 1
+                    self.progress.update(1)
+                    self._count_nonfinite(stepped is not False)
+                    if self.state.step % self.cfg.log_every == 0:
+                        self.log()
+                    self._call("on_step")
+                    if self.state.step % self.cfg.save_every == 0 and self.state.step < self.total_steps:
+                        self.save()
+                    if self.state.step >= self.total_steps:
+                        break
+                    if self._stop_requested(signals):
+                        raise self._preempt(signals)
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    self._call("on_epoch_end")
+        if self._micro_batches:
             self.log()
         self.save()
         self._call("on_train_end")
