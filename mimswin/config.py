@@ -36,7 +36,10 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
+    """`unit`: side in px of the square hidden together (unset: the method's default, see docs/configuration.md)."""
+
     ratio: float = 0.75
+    unit: Optional[int] = None
 
 
 @dataclass
@@ -51,7 +54,10 @@ class DecoderConfig:
 
 @dataclass
 class LossConfig:
+    """`kind`: mse or l1 on hidden patches (unset: mse for mae, l1 for simmim)."""
+
     norm_pix: bool = True
+    kind: Optional[str] = None
 
 
 @dataclass
@@ -65,6 +71,11 @@ class DataConfig:
     hflip: float = 0.5
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    shards: Optional[str] = None
+    shard_sizes: Optional[str] = None
+    shuffle_buffer: int = 1000
+    resampled: bool = False
+    samples_per_epoch: Optional[int] = None
 
 
 @dataclass
@@ -165,12 +176,21 @@ def parse_overrides(overrides: Sequence[str]) -> List[str]:
         token = tokens.pop(0)
         bare = token[2:] if token.startswith("--") else token
         if "=" in bare:
-            result.append(bare)
+            result.append(log_with_alias(bare))
         elif token.startswith("--") and tokens and not tokens[0].startswith("--"):
-            result.append(f"{bare}={tokens.pop(0)}")
+            result.append(log_with_alias(f"{bare}={tokens.pop(0)}"))
         else:
             raise ConfigError(f"override '{token}' is not of the form key=value (e.g. optim.blr=1e-4)")
     return result
+
+
+def log_with_alias(item: str) -> str:
+    """`log_with=wandb,tensorboard` / `log_with=none` (as in accelerate's `--log_with`) -> `train.log_with=[...]`."""
+    key, _, value = item.partition("=")
+    if key != "log_with":
+        return item
+    names = [] if value.strip().lower() in ("none", "") else [n.strip() for n in value.strip("[]").split(",")]
+    return f"train.log_with=[{', '.join(names)}]"
 
 
 def load_config(
@@ -227,9 +247,12 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Semantic checks that types alone cannot express."""
     if hasattr(cfg, "method"):
-        _check(cfg.method in ("mae",), "method", f"unknown method '{cfg.method}' (known: mae)")
+        _check(cfg.method in ("mae", "simmim"), "method", f"unknown method '{cfg.method}' (known: mae, simmim)")
     if hasattr(cfg, "mask"):
         _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
+        _check(cfg.mask.unit is None or cfg.mask.unit > 0, "mask.unit", f"must be positive px, got {cfg.mask.unit}")
+    if hasattr(cfg, "loss"):
+        _check(cfg.loss.kind in (None, "mse", "l1"), "loss.kind", f"must be mse or l1, got '{cfg.loss.kind}'")
     if hasattr(cfg, "decoder"):
         _check(cfg.decoder.dim % cfg.decoder.heads == 0, "decoder.dim",
                f"{cfg.decoder.dim} is not divisible by decoder.heads={cfg.decoder.heads}")
@@ -240,6 +263,10 @@ def validate(cfg: Any) -> None:
     _check(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1, "data.crop_scale",
            f"must be [min, max] with 0 < min <= max <= 1, got {data.crop_scale}")
     _check(len(data.mean) == len(data.std) == 3, "data.mean", "data.mean and data.std need three values each")
+    _check(data.shards is None or data.path is None, "data.shards", "give data.shards or data.path, not both")
+    _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
+    _check(data.samples_per_epoch is None or data.samples_per_epoch > 0, "data.samples_per_epoch",
+           f"must be positive, got {data.samples_per_epoch}")
     _check(len(optim.betas) == 2, "optim.betas", f"needs two values, got {optim.betas}")
     _check(train.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(train.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",

@@ -42,3 +42,24 @@ def mask_from_hidden(hidden: torch.Tensor) -> MaskSample:
         raise ValueError("every sample must have the same number of visible patches")
     keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, : int(counts[0])]
     return MaskSample(hidden=hidden, keep=keep)
+
+
+def unit_mask(
+    batch: int,
+    grid: tuple[int, int],
+    unit: int,
+    ratio: float,
+    device: torch.device | str = "cpu",
+    generator: Optional[torch.Generator] = None,
+) -> MaskSample:
+    """Random masking of `unit` x `unit` blocks of grid cells (SimMIM's mask units), returned over the full grid."""
+    rows, cols = grid
+    if rows % unit or cols % unit:
+        raise ValueError(f"mask unit of {unit} cells does not divide the {rows}x{cols} grid")
+    if unit == 1:
+        return random_mask(batch, rows * cols, ratio, device, generator)
+    units = random_mask(batch, (rows // unit) * (cols // unit), ratio, device, generator)
+    hidden = units.hidden.view(batch, rows // unit, 1, cols // unit, 1).expand(-1, -1, unit, -1, unit)
+    hidden = hidden.reshape(batch, rows * cols)
+    keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, : units.keep.shape[1] * unit * unit]
+    return MaskSample(hidden=hidden, keep=keep)

@@ -15,6 +15,7 @@ from mimswin.errors import ConfigError, MimswinError
 from mimswin.export import export_encoder
 from mimswin.models import build_method
 from mimswin.models.vit import timm_kwargs
+from mimswin.trackers import log_picture, tracker_init_kwargs
 from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
@@ -52,6 +53,7 @@ class PretrainPictures:
                                       self.cfg.data.std)
         save_png(picture, trainer.run_dir.pictures / f"{name}.png")
         save_png(picture, trainer.run_dir.root / "reconstruction.png")
+        log_picture(trainer.accelerator, "reconstruction", picture, trainer.state.step)
 
     def on_step(self, trainer: Trainer) -> None:
         if trainer.state.step % self.cfg.train.vis_every == 0:
@@ -113,7 +115,7 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
 
     if accelerator.is_main_process:
         save_config(cfg, run_dir.config)
-    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg))
+    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg), init_kwargs=tracker_init_kwargs(cfg.train))
     callbacks = [PretrainPictures(cfg, preview_images(cfg.data, cfg.model.img_size, PREVIEW_COUNT)),
                  ExportEncoder(cfg)]
     meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size}

@@ -119,3 +119,10 @@ def collate_skipping_none(batch: list) -> Tuple[torch.Tensor, torch.Tensor]:
     if not kept:
         raise DataError("a whole batch of images was unreadable; check the data source")
     return torch.utils.data.default_collate(kept)
+
+
+def collate_counting_skips(batch: list) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Like `collate_skipping_none`, plus the number of unreadable samples, so the count reaches the main process
+    from DataLoader workers (a worker's own counters never do)."""
+    kept = [item for item in batch if item is not None]
+    return (*collate_skipping_none(kept), len(batch) - len(kept))

@@ -44,8 +44,7 @@ def timm_kwargs(img_size: int, patch_size: Optional[int], drop_path_rate: float,
     options: Dict[str, Any] = dict(img_size=img_size, **(kwargs or {}))
     if patch_size:
         options["patch_size"] = patch_size
-    if drop_path_rate:
-        options["drop_path_rate"] = drop_path_rate
+    options.setdefault("drop_path_rate", drop_path_rate)  # always explicit: timm's Swin defaults to 0.1
     return options
 
 

@@ -106,6 +106,9 @@ class Trainer:
         elapsed = time.perf_counter() - self._clock
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss, "lr": self.current_lr(),
                   "images_per_s": self._images / elapsed if elapsed > 0 else 0.0, **(extra or {})}
+        if hasattr(self.data, "skipped"):
+            skipped = torch.tensor(float(self.data.skipped), device=self.accelerator.device)
+            record["skipped"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
         self._loss_sum.zero_()
         self._loss_count, self._images, self._clock = 0, 0, time.perf_counter()
         self.history.append(record)

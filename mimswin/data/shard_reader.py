@@ -1,0 +1,368 @@
+"""Streams webdataset tar shards as per-rank batches that resume exactly and give every rank the same step count.
+
+An epoch is planned from (seed, epoch) alone: the shard list is shuffled and dealt to `ranks x workers` slots (or, when
+resampled, each slot draws shards with replacement from its own seeded stream). A slot reads its shards in order and
+shuffles them in windows of `shuffle_buffer` samples. Resuming at batch b skips whole consumed shards by their sizes
+and re-reads (without decoding) only the consumed part of the current shard and window. Images are decoded after the
+shuffle, each under its own seed. See docs/data.md for what is guaranteed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from mimswin.data.sampler import sample_seed
+from mimswin.data.sources import to_rgb
+from mimswin.errors import DataError
+
+log = logging.getLogger(__name__)
+SIZES_FILE = "sizes.json"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
+REASONS = ("unreadable image", "no image", "bad label", "unreadable shard")
+Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def expand_shards(spec: str) -> List[str]:
+    """Brace patterns, `::`-joined lists, globs and `pipe:` URLs -> shard URLs; local names must exist."""
+    urls: List[str] = []
+    for url in wds.shardlists.expand_urls(spec):
+        if is_local(url) and any(c in url for c in "*?["):
+            urls += sorted(str(p) for p in Path(url).parent.glob(Path(url).name))
+        else:
+            urls.append(url)
+    missing = [u for u in urls if is_local(u) and not Path(u).is_file()]
+    if not urls or len(missing) == len(urls):
+        raise DataError(f"data.shards: '{spec}' matches no shard file")
+    if missing:
+        raise DataError(f"data.shards: {len(missing)} of {len(urls)} shards of '{spec}' do not exist "
+                        f"(first: {missing[0]})")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, also inside a `pipe:` command (used as the key of sizes.json)."""
+    names = re.findall(r"[^/\s'\"]+\.tar\b", url)
+    return names[-1] if names else url.rsplit("/", 1)[-1]
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar, from its headers only; a truncated tar counts what can be read."""
+    count, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                prefix, _ = base_plus_ext(member.name)
+                if member.isreg() and prefix is not None and not prefix.startswith("__") and prefix != last:
+                    count, last = count + 1, prefix
+    except (tarfile.TarError, OSError) as err:
+        log.warning("shard %s is damaged (%s): counted %d readable samples", path, err, count)
+    return count
+
+
+def shard_sizes(urls: Sequence[str], sizes_file: Optional[str] = None) -> List[Optional[int]]:
+    """Samples per shard from `sizes_file` (default: sizes.json beside local shards), else counted; None if unknown."""
+    table: Dict[str, int] = {}
+    path = Path(sizes_file).expanduser() if sizes_file else None
+    if path is None and is_local(urls[0]):
+        path = Path(urls[0]).parent / SIZES_FILE
+    if path is not None and (sizes_file or path.is_file()):
+        try:
+            table = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError) as err:
+            raise DataError(f"data.shard_sizes: cannot read '{path}' as a JSON object of shard: count ({err})")
+    return [table.get(shard_name(u), count_samples(u) if is_local(u) else None) for u in urls]
+
+
+def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict]:
+    """Raw samples (extension -> bytes, plus __key__) of one shard; a read error ends the shard and is reported."""
+    try:
+        with wds.gopen(url, "rb") as stream:
+            yield from group_by_keys(dict(file, __url__=url) for file in tar_file_iterator(stream))
+    except Exception as err:  # noqa: BLE001 - any I/O or tar error of one shard must not stop the run
+        on_error(url, err)
+
+
+def decode_sample(sample: dict, transform: Callable, seed: int) -> Tuple[Optional[Tuple[torch.Tensor, int]], str]:
+    """(image tensor, label) or (None, reason); the transform runs under the sample's own seed."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        return None, "no image"
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            return None, "bad label"
+    try:
+        with Image.open(io.BytesIO(sample[key])) as image:
+            image.load()
+            rgb = to_rgb(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None, "unreadable image"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (transform(rgb), label), ""
+
+
+@dataclass
+class ShardPlan:
+    """What each (rank, slot) reads in an epoch. `slots` = DataLoader workers per rank (1 without workers)."""
+
+    urls: List[str]
+    sizes: List[Optional[int]]
+    batch_size: int
+    num_replicas: int
+    rank: int
+    slots: int
+    seed: int
+    train: bool = True
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    batches_per_epoch: int = 0
+
+    def shard_order(self, epoch: int, slot: int) -> Iterator[int]:
+        """Shard indices this slot reads in `epoch`: its deal of the seeded shuffle (cycled when training) or draws."""
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, epoch, self.rank, slot])
+            while True:
+                yield int(rng.integers(len(self.urls)))
+        mine = self.slot_shards(epoch, slot)
+        while mine:
+            yield from mine
+            if not self.train:
+                return
+
+    def slot_shards(self, epoch: int, slot: int) -> List[int]:
+        """This slot's deal of the epoch's shard permutation (shard order as listed for evaluation)."""
+        order = np.arange(len(self.urls))
+        if self.train:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        return order[self.rank * self.slots + slot::self.num_replicas * self.slots].tolist()
+
+    def pass_size(self, epoch: int, slot: int) -> Optional[int]:
+        """Samples in one pass over this slot's shards; None when unknown, resampled, or empty."""
+        if self.resampled:
+            return None
+        sizes = [self.sizes[i] for i in self.slot_shards(epoch, slot)]
+        return None if None in sizes else sum(s for s in sizes if s is not None) or None
+
+    def slot_batches(self, slot: int, start_batch: int) -> Tuple[int, int]:
+        """(batches of this slot before start_batch, batches it yields from there); batch j is from slot j % slots."""
+        before = max(0, (start_batch - slot + self.slots - 1) // self.slots)
+        total = max(0, (self.batches_per_epoch - slot + self.slots - 1) // self.slots)
+        return before, total - before
+
+    def repeats(self, epoch: int) -> Tuple[int, int]:
+        """(extra reads of samples already read, samples never read) by this rank in a training epoch: slots whose
+        shards hold fewer or more samples than their share of batches; (0, 0): every sample of its shards once."""
+        repeated = dropped = 0
+        for slot in range(self.slots):
+            period = self.pass_size(epoch, slot)
+            if period is None:
+                continue
+            need = sum(self.slot_batches(slot, 0)) * self.batch_size
+            repeated, dropped = repeated + max(0, need - period), dropped + max(0, period - need)
+        return repeated, dropped
+
+
+class ShardBatches(IterableDataset):
+    """Yields (images, labels, skip counts per reason) batches of one rank; each DataLoader worker plays one slot."""
+
+    def __init__(self, plan: ShardPlan, transform: Callable) -> None:
+        self.plan, self.transform = plan, transform
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """Shared with persistent workers: the next iteration starts at this epoch and batch."""
+        self.position[0], self.position[1] = epoch, start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.plan.slots:
+            raise DataError(f"shard loader planned for {self.plan.slots} worker(s) but runs with {workers}")
+        epoch, start_batch = self.position.tolist()
+        return self.batches(epoch, (worker + start_batch) % workers, start_batch)
+
+    def samples(self, epoch: int, slot: int, skip: int, counts: Counter) -> Iterator[dict]:
+        """This slot's raw samples from position `skip` on; whole shards of known size are skipped unopened."""
+        def on_error(url: str, err: Exception) -> None:
+            counts["unreadable shard"] += 1
+            log.warning("shard %s is unreadable from here on (%s: %s); going on", url, type(err).__name__, err)
+
+        empty_run = 0
+        for index in self.plan.shard_order(epoch, slot):
+            size = self.plan.sizes[index]
+            if skip and size is not None and size <= skip:
+                skip -= size
+                continue
+            read = 0
+            for sample in read_shard(self.plan.urls[index], on_error):
+                read += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield sample
+            empty_run = 0 if read else empty_run + 1
+            if empty_run > 3 * len(self.plan.urls):
+                raise DataError(f"data.shards: no readable sample in {empty_run} shards in a row")
+
+    def shuffled(self, epoch: int, slot: int, first: int, counts: Counter) -> Iterator[dict]:
+        """Samples from output position `first` on, shuffled within windows of `shuffle_buffer` samples.
+
+        Windows restart at every pass over the slot's shards (when its size is known), so no sample comes twice
+        before every sample of the slot has come once. Windows depend on positions only, hence resume is exact.
+        """
+        size = max(1, self.plan.shuffle_buffer) if self.plan.train else 1
+        period = self.plan.pass_size(epoch, slot)
+        turn, within = divmod(first, period) if period else (0, first)
+        window_index, offset = divmod(within, size)
+        source = self.samples(epoch, slot, (turn * period if period else 0) + window_index * size, counts)
+        while True:
+            length = min(size, period - window_index * size) if period else size
+            window = [sample for _, sample in zip(range(length), source)]
+            if not window:
+                return
+            order = np.random.default_rng([self.plan.seed, epoch, self.plan.rank, slot, turn, window_index])
+            for i in order.permutation(len(window))[offset:].tolist():
+                yield window[i]
+            window_index, offset = window_index + 1, 0
+            if period and window_index * size >= period:
+                turn, window_index = turn + 1, 0
+
+    def batches(self, epoch: int, slot: int, start_batch: int) -> Iterator[Batch]:
+        plan, size = self.plan, self.plan.batch_size
+        before, count = plan.slot_batches(slot, start_batch)
+        counts: Counter = Counter()
+        source = self.shuffled(epoch, slot, before * size, counts)
+        index = before
+        while not plan.train or index < before + count:
+            raw = [sample for _, sample in zip(range(size), source)]
+            if not raw:
+                return
+            batch_number = index * plan.slots + slot
+            items = []
+            for i, sample in enumerate(raw):
+                seed = sample_seed(plan.seed, epoch, (plan.rank * max(1, plan.batches_per_epoch) + batch_number)
+                                   * size + i)
+                item, reason = decode_sample(sample, self.transform, seed)
+                if item is None:
+                    counts[reason] += 1
+                    log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
+                else:
+                    items.append(item)
+            yield collate(items, counts)
+            counts.clear()
+            index += 1
+
+
+def collate(items: List[Tuple[torch.Tensor, int]], counts: Counter) -> Batch:
+    """Stack the readable samples; the third tensor counts the skipped ones per reason (they cross worker processes)."""
+    skips = torch.tensor([counts.get(reason, 0) for reason in REASONS], dtype=torch.int64)
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), skips
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64), skips
+
+
+class ShardLoader:
+    """Same interface as `EpochLoader`: `batches_per_epoch`, `epoch(e, start_batch)` -> (images, labels) on device.
+
+    `skipped` / `skip_reasons` count the samples this rank dropped (corrupt images, unreadable shards, ...). The loader
+    has its own generator: starting an epoch must not draw from the global RNG that masks come from (exact resume).
+    """
+
+    def __init__(self, stream: ShardBatches, num_workers: int, device: torch.device) -> None:
+        self.stream, self.device = stream, device
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                                 generator=torch.Generator())
+        self.skip_reasons: Counter = Counter()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.stream.plan.batches_per_epoch
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skip_reasons.values())
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if start_batch and not self.stream.plan.train:
+            raise ValueError("an evaluation pass over shards always starts at batch 0")
+        self.stream.set_position(epoch, start_batch)
+        for images, labels, skips in self.loader:
+            self.skip_reasons.update({r: n for r, n in zip(REASONS, skips.tolist()) if n})
+            if images.shape[0] == 0:
+                raise DataError(f"a whole batch of shard samples was unreadable ({dict(self.skip_reasons)})")
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def build_shard_loader(spec: str, transform: Callable, batch_size: int, num_workers: int, num_replicas: int,
+                       rank: int, seed: int, device: torch.device, *, train: bool = True, resampled: bool = False,
+                       shuffle_buffer: int = 1000, sizes_file: Optional[str] = None,
+                       samples_per_epoch: Optional[int] = None, batch_multiple: int = 1) -> ShardLoader:
+    """A loader over `spec`. train: shuffled, equal batch count on every rank, resumable. Else one ordered pass over
+    every sample exactly once across ranks and workers (the last batch may be short), for evaluation."""
+    urls = expand_shards(spec)
+    sizes = shard_sizes(urls, sizes_file)
+    slots = max(1, num_workers)
+    plan = ShardPlan(urls, sizes, batch_size, num_replicas, rank, slots, seed, train, resampled and train,
+                     shuffle_buffer)
+    known = None if None in sizes else sum(s for s in sizes if s is not None)
+    if train:
+        total = samples_per_epoch or known
+        if total is None:
+            raise DataError("data.shards: sample counts unknown (remote shards without sizes.json): set "
+                            "data.shard_sizes to a sizes.json or data.samples_per_epoch")
+        if not plan.resampled and len(urls) < num_replicas * slots:
+            raise DataError(f"data.shards: {len(urls)} shard(s) cannot be split over {num_replicas} process(es) x "
+                            f"{slots} worker(s); write more shards (smaller --maxcount), lower data.num_workers or "
+                            "set data.resampled=true")
+        plan.batches_per_epoch = total // num_replicas // batch_size // batch_multiple * batch_multiple
+        if plan.batches_per_epoch == 0:
+            raise DataError(f"data.shards: {total} samples cannot fill one batch of {batch_size} x {num_replicas} "
+                            f"process(es) x {batch_multiple} accumulation step(s)")
+        repeated, dropped = plan.repeats(0)
+        if repeated or dropped:
+            log.info("data.shards: shard sizes do not split evenly over %d process(es) x %d worker(s): rank %d reads "
+                     "%d sample(s) again and leaves out %d per epoch (epoch 0)", num_replicas, slots, rank, repeated,
+                     dropped)
+    elif known is not None:
+        stride = num_replicas * slots
+        per_slot = [sum(sizes[rank * slots + s::stride]) for s in range(slots)]
+        plan.batches_per_epoch = sum(-(-n // batch_size) for n in per_slot)
+    return ShardLoader(ShardBatches(plan, transform), num_workers, device)
+
+
+def shard_preview(spec: str, transform: Callable, count: int) -> torch.Tensor:
+    """The first `count` readable images of the shards in order, for reconstruction pictures."""
+    images: List[torch.Tensor] = []
+    for url in expand_shards(spec):
+        for sample in read_shard(url, lambda u, e: None):
+            item, _ = decode_sample(sample, transform, 0)
+            if item is not None:
+                images.append(item[0])
+            if len(images) == count:
+                return torch.stack(images)
+    if not images:
+        raise DataError(f"data.shards: no readable image in '{spec}'")
+    return torch.stack(images)

@@ -1,0 +1,28 @@
+"""What every MIM method returns, and the reconstruction loss restricted to hidden patches."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mimswin.masking import MaskSample
+
+LOSS_KINDS = ("mse", "l1")
+
+
+class MIMOutput(NamedTuple):
+    loss: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    mask: MaskSample
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Mean over hidden patches of the per-patch mean squared (`mse`) or absolute (`l1`) error."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind '{kind}' (known: {', '.join(LOSS_KINDS)})")
+    diff = pred.float() - target.float()
+    per_patch = (diff.pow(2) if kind == "mse" else diff.abs()).mean(dim=-1)
+    weights = hidden.to(per_patch.dtype)
+    return (per_patch * weights).sum() / weights.sum()

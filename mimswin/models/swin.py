@@ -1,0 +1,187 @@
+"""timm SwinTransformer for masked image modeling: a mask-token forward (SimMIM) and a visible-tokens-only forward.
+
+The visible-only forward works at the granularity of one *cell*: the image area of one final-stage token (32 px for a
+patch-4, 4-stage Swin). Masks hide whole cells, so every 2x2 patch merge sees four visible or four hidden tokens and
+the visible cells can be carried as small NHWC tiles through timm's own modules. Window attention runs on the
+windows that hold at least one visible token, each visible token at its true slot of its true (shifted) window, with
+hidden slots masked as keys: timm's relative position bias and shifted-window region mask apply unchanged. With every
+cell visible this is exactly timm's forward (see docs/swin.md).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Tuple
+
+import torch
+from einops import rearrange
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from torch import nn
+from torch.nn import functional as F
+
+from mimswin.errors import ConfigError
+from mimswin.models.vit import EncoderOutput
+
+HIDDEN_KEY_BIAS = -1.0e4
+
+
+def num_merges(model: SwinTransformer) -> int:
+    """How many 2x2 patch-merging steps the stages perform."""
+    return sum(not isinstance(stage.downsample, nn.Identity) for stage in model.layers)
+
+
+def output_stride(model: SwinTransformer) -> int:
+    """Pixels per final-stage token side (32 for the standard patch-4, 4-stage Swin)."""
+    return model.patch_embed.patch_size[0] * 2 ** num_merges(model)
+
+
+def check_swin(model: nn.Module) -> SwinTransformer:
+    """A timm SwinTransformer whose image, merges and windows tile exactly, or one clear ConfigError."""
+    if not isinstance(model, SwinTransformer):
+        raise ConfigError(f"config key 'model.name': expected a timm SwinTransformer, got {type(model).__name__}")
+    if model.dynamic_img_size:
+        raise ConfigError("config key 'model.kwargs': dynamic_img_size / strict_img_size=False is not supported")
+    patch = model.patch_embed.patch_size
+    if patch[0] != patch[1]:
+        raise ConfigError(f"config key 'model.patch_size': square patches needed, got {tuple(patch)}")
+    img, stride = tuple(model.patch_embed.img_size), output_stride(model)
+    if img[0] % stride or img[1] % stride:
+        raise ConfigError(f"config key 'model.img_size': {img[0]}x{img[1]} px is not divisible by the Swin output "
+                          f"stride {stride} px (patch {patch[0]} x 2^{num_merges(model)} merges)")
+    for index, stage in enumerate(model.layers):
+        for block in stage.blocks:
+            if getattr(block, "dynamic_mask", False):
+                raise ConfigError("config key 'model.kwargs': dynamic_mask is not supported (the shifted-window "
+                                  "mask must be precomputed)")
+            res, win = block.input_resolution, block.window_size
+            if res[0] % win[0] or res[1] % win[1]:
+                raise ConfigError(
+                    f"config key 'model.kwargs': window {win[0]}x{win[1]} does not divide the {res[0]}x{res[1]} "
+                    f"token grid of stage {index} ({img[0]} px image); pick img_size and window_size that tile, "
+                    f"e.g. 192 px with window 6 or 224 px with window 7")
+    return model
+
+
+def swin_forward_with_mask_token(model: SwinTransformer, images: torch.Tensor, hidden: torch.Tensor,
+                                 mask_token: torch.Tensor) -> torch.Tensor:
+    """SimMIM: hidden patch embeddings [B, H, W] become `mask_token`; all tokens run. Returns NHWC after the norm."""
+    x = model.patch_embed(images)
+    x = torch.where(hidden.unsqueeze(-1), mask_token.to(x.dtype), x)
+    return model.norm(model.layers(x))
+
+
+class WindowLayout(NamedTuple):
+    """Where each visible token sits among the occupied windows of one block geometry."""
+
+    scatter: torch.Tensor  # [B * N]: slot of each visible token among the W * area slots of the occupied windows
+    bias: torch.Tensor  # [W, area, area]: empty-slot key mask plus timm's shifted-window region mask
+
+
+def window_layout(block: SwinTransformerBlock, rows: torch.Tensor, cols: torch.Tensor, tile: int) -> WindowLayout:
+    """Layout of the visible tokens of cells at (`rows`, `cols`) [B, L], each a `tile` x `tile` token square."""
+    height, width = block.input_resolution
+    (win_h, win_w), (shift_h, shift_w) = block.window_size, block.shift_size
+    area, windows_per_row = win_h * win_w, width // win_w
+    windows_per_image = (height // win_h) * windows_per_row
+    offsets = torch.arange(tile, device=rows.device)
+    r = (rows[..., None, None] * tile + offsets[:, None] - shift_h) % height  # token coordinates in the
+    c = (cols[..., None, None] * tile + offsets[None, :] - shift_w) % width  # cyclically shifted frame
+    window = (r // win_h) * windows_per_row + c // win_w
+    batch_index = torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1, 1)
+    window_ids, compact = torch.unique((batch_index * windows_per_image + window).flatten(), return_inverse=True)
+    scatter = compact * area + ((r % win_h) * win_w + c % win_w).flatten()
+    occupied = torch.zeros(window_ids.numel() * area, dtype=torch.bool, device=rows.device)
+    occupied[scatter] = True
+    empty = ~occupied.view(-1, 1, area)
+    bias = torch.zeros(empty.shape, device=rows.device).masked_fill(empty, HIDDEN_KEY_BIAS).expand(-1, area, -1)
+    if block.attn_mask is not None:
+        bias = bias + block.attn_mask[window_ids % windows_per_image]
+    return WindowLayout(scatter=scatter, bias=bias)
+
+
+def visible_window_attention(attn: WindowAttention, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """timm's WindowAttention with its own weights, the projections computed for visible tokens x [T, C] only.
+
+    q, k, v are placed at their window slots (empty slots are zero and masked as keys), so only the small
+    slot-by-slot products pay for the hidden part of an occupied window.
+    """
+    qkv = attn.qkv(x)
+    slots = qkv.new_zeros(layout.bias.shape[0] * attn.window_area, qkv.shape[-1]).index_copy(0, layout.scatter, qkv)
+    head_dim = qkv.shape[-1] // (3 * attn.num_heads)
+    q, k, v = slots.view(-1, attn.window_area, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = (attn._get_rel_pos_bias() + layout.bias.unsqueeze(1)).to(q.dtype)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        out = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(-1, attn.num_heads * head_dim)
+    return attn.proj_drop(attn.proj(out.index_select(0, layout.scatter)))
+
+
+def visible_block(block: SwinTransformerBlock, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+    """timm's block on visible tokens x [B, N, C]: window attention over occupied windows, then the MLP."""
+    batch, count, dim = x.shape
+    attended = visible_window_attention(block.attn, block.norm1(x).reshape(-1, dim), layout)
+    x = x + block.drop_path1(attended.view(batch, count, dim))
+    return x + block.drop_path2(block.mlp(block.norm2(x)))
+
+
+class VisibleSwin(nn.Module):
+    """Wraps `timm.create_model(swin name)`: `model` holds exactly the timm weights; `forward_masked` encodes only the
+    visible cells, so compute falls with the mask ratio. Grid, positions and `patch_size` refer to final-stage cells."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = check_swin(model)
+
+    @property
+    def patch_size(self) -> int:
+        return output_stride(self.model)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        img = self.model.patch_embed.img_size
+        return img[0] // self.patch_size, img[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.num_features
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 0
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{n}" for n in self.model.no_weight_decay()}
+
+    def forward_masked(self, images: torch.Tensor, keep: torch.Tensor) -> EncoderOutput:
+        """Encode only the cells listed in `keep` [B, L] (final-grid indices); tokens stay in the order of `keep`."""
+        swin, (batch, length) = self.model, keep.shape
+        tile = 2 ** num_merges(swin)
+        x = rearrange(swin.patch_embed(images), "b (h t1) (w t2) c -> b (h w) t1 t2 c", t1=tile, t2=tile)
+        x = torch.gather(x, 1, keep.view(batch, length, 1, 1, 1).expand(-1, -1, *x.shape[2:]))
+        rows, cols = keep // self.grid[1], keep % self.grid[1]
+        for stage in swin.layers:
+            if not isinstance(stage.downsample, nn.Identity):
+                x = stage.downsample(x.flatten(0, 1)).unflatten(0, (batch, length))
+                tile //= 2
+            shape = x.shape
+            layouts: Dict[Tuple, WindowLayout] = {}
+            x = x.reshape(batch, -1, shape[-1])
+            for block in stage.blocks:
+                key = (block.window_size, block.shift_size)
+                if key not in layouts:
+                    layouts[key] = window_layout(block, rows, cols, tile)
+                x = visible_block(block, x, layouts[key])
+            x = x.view(shape)
+        tokens = swin.norm(x.reshape(batch, length, -1))
+        return EncoderOutput(tokens=tokens, positions=keep, prefix=tokens.new_zeros(batch, 0, tokens.shape[-1]))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Unmasked features, exactly timm's `forward_features` (NHWC)."""
+        return self.model.forward_features(images)
+

@@ -1,0 +1,72 @@
+"""`mimswin visualize`: reconstruction pictures of any folder of images by a pretraining run's model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from mimswin.data.sources import ImageFolder
+from mimswin.data.transforms import eval_transform
+from mimswin.errors import DataError, MimswinError
+from mimswin.pretrained import find_run_config, load_pretrain_run
+from mimswin.viz import reconstruction_grid, save_png
+
+
+def load_images(folder: str | Path, img_size: int, mean: Sequence[float], std: Sequence[float],
+                count: int) -> torch.Tensor:
+    """The first `count` readable images of a folder (sorted names), resized and center-cropped to img_size."""
+    try:
+        dataset = ImageFolder(folder, eval_transform(img_size, mean, std))
+    except DataError as err:
+        raise DataError(str(err).replace("data.path", "--images", 1)) from None
+    images: List[torch.Tensor] = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == count:
+            break
+    if not images:
+        raise DataError(f"--images: none of the {len(dataset)} image files under '{folder}' could be read")
+    return torch.stack(images)
+
+
+def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Path] = None, count: int = 16,
+              per_picture: int = 8) -> List[Path]:
+    """Write reconstruction grids (original | masked | reconstruction | pasted), `per_picture` rows each."""
+    run = load_pretrain_run(source)
+    cfg = run.cfg
+    images = load_images(images_dir, cfg.model.img_size, cfg.data.mean, cfg.data.std, count)
+    out_dir = Path(out) if out else find_run_config(run.checkpoint).parent / "visualize"
+    written = []
+    for number, start in enumerate(range(0, images.shape[0], per_picture)):
+        picture = reconstruction_grid(run.method, images[start:start + per_picture], cfg.data.mean, cfg.data.std)
+        path = out_dir / f"reconstruction_{number:03d}.png"
+        save_png(picture, path)
+        written.append(path)
+    return written
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """`mimswin visualize --from RUN --images DIR [--out DIR]`."""
+    parser = argparse.ArgumentParser(prog="mimswin visualize", description="Reconstruction pictures of any images "
+                                     "by a pretraining run (its latest checkpoint: encoder and decoder).")
+    parser.add_argument("--from", dest="source", required=True, help="run dir or checkpoint dir")
+    parser.add_argument("--images", required=True, help="folder of images (flat or one subfolder per class)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/visualize)")
+    parser.add_argument("--count", type=int, default=16, help="how many images (first ones by name)")
+    parser.add_argument("--per-picture", type=int, default=8, help="images (rows) per PNG")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.per_picture < 1:
+        parser.error("--count and --per-picture must be >= 1")
+    try:
+        paths = visualize(args.source, args.images, args.out, args.count, args.per_picture)
+    except MimswinError as err:
+        print(f"mimswin: error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(f"wrote {path}" for path in paths))
+    return 0

@@ -1,0 +1,215 @@
+import io
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mimswin.data.build import EpochLoader
+from mimswin.data.sampler import ResumableDistributedSampler
+from mimswin.data.shard_reader import build_shard_loader, read_shard
+from mimswin.data.shards import cli as shards_cli
+from mimswin.data.sources import ImageFolder, to_rgb
+from mimswin.data.transforms import eval_transform, pretrain_transform
+from mimswin.errors import DataError
+
+CPU = torch.device("cpu")
+TO_8PX = eval_transform(8, [0.5] * 3, [0.5] * 3)
+AUGMENT = pretrain_transform(8, [0.3, 1.0], 0.5, [0.5] * 3, [0.5] * 3)
+
+
+def png(value: int, size: int = 6) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (value % 256, value // 256, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_id_shards(root, sizes, sizes_json=True):
+    """Shards whose samples carry their own id as label, so a test can tell every sample apart."""
+    root.mkdir(parents=True, exist_ok=True)
+    next_id = 0
+    for s, size in enumerate(sizes):
+        with wds.TarWriter(str(root / f"part-{s:06d}.tar")) as tar:
+            for _ in range(size):
+                tar.write({"__key__": f"id{next_id:06d}", "png": png(next_id), "cls": str(next_id).encode()})
+                next_id += 1
+    if sizes_json:
+        (root / "sizes.json").write_text(json.dumps({f"part-{s:06d}.tar": n for s, n in enumerate(sizes)}))
+    return f"{root}/part-{{000000..{len(sizes) - 1:06d}}}.tar"
+
+
+def ids(batches):
+    return [int(i) for _, labels in batches for i in labels]
+
+
+def odd_image_folder(root):
+    """Real-world oddities: CMYK JPEG, RGBA and 16-bit PNG, grayscale, a TIFF, an image smaller than the crop."""
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(5):
+        Image.new("RGB", (20, 14), (40 * i, 10, 200)).save(root / "a" / f"photo.{i}.jpg")
+    Image.new("CMYK", (16, 16), (0, 50, 100, 0)).save(root / "a" / "cmyk.jpg")
+    Image.new("RGBA", (9, 9), (200, 0, 0, 128)).save(root / "b" / "rgba.png")
+    Image.fromarray(np.arange(144, dtype=np.uint16).reshape(12, 12) * 400).save(root / "b" / "deep.png")
+    Image.new("L", (3, 3), 90).save(root / "b" / "tiny_gray.png")
+    Image.new("RGB", (10, 10), (1, 2, 3)).save(root / "b" / "scan.tiff")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+
+
+def test_writer_reader_round_trip_keeps_every_image_and_label(tmp_path, capsys):
+    src = tmp_path / "images"
+    odd_image_folder(src)
+    out = tmp_path / "shards"
+    assert shards_cli([str(src), str(out), "--maxcount", "4", "--no-progress"]) == 0
+    summary = capsys.readouterr().out
+    assert "wrote 10 images in 3 shards" in summary and "unreadable image: 1 (e.g. b/broken.jpg)" in summary
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 4, "train-000001.tar": 4,
+                                                            "train-000002.tar": 2}
+    assert json.loads((out / "classes.json").read_text()) == {"train": ["a", "b"]}
+
+    written = {}
+    for s in range(3):
+        for sample in read_shard(str(out / f"train-{s:06d}.tar"), lambda url, err: pytest.fail(str(err))):
+            ext = "jpg" if "jpg" in sample else "png"
+            with Image.open(io.BytesIO(sample[ext])) as image:
+                written[sample["__key__"]] = (int(sample["cls"]), np.asarray(to_rgb(image)))
+    expected = {}
+    for path, label in ImageFolder(src).samples:
+        if path.name != "broken.jpg":
+            with Image.open(path) as image:
+                key = path.relative_to(src).with_suffix("").as_posix().replace(".", "_")
+                expected[key] = (label, np.asarray(to_rgb(image)))
+    assert written.keys() == expected.keys()
+    for key, (label, pixels) in expected.items():
+        assert written[key][0] == label and np.array_equal(written[key][1], pixels), key
+
+    loader = build_shard_loader(f"{out}/train-{{000000..000002}}.tar", TO_8PX, 3, 0, 1, 0, 0, CPU, train=False)
+    batches = list(loader.epoch(0))
+    assert Counter(ids(batches)) == Counter(label for label, _ in expected.values())
+    assert all(images.shape[1:] == (3, 8, 8) for images, _ in batches) and loader.skipped == 0
+
+
+def test_embedded_set_becomes_shards_with_its_labels(tmp_path):
+    out = tmp_path / "shards"
+    assert shards_cli(["embedded:val", str(out), "--maxcount", "400", "--no-progress"]) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"val-000000.tar": 400, "val-000001.tar": 400,
+                                                            "val-000002.tar": 200}
+    loader = build_shard_loader(f"{out}/val-*.tar", TO_8PX, 100, 0, 1, 0, 0, CPU, train=False)
+    from mimswin.data.sources import EmbeddedMNIST
+    assert Counter(ids(loader.epoch(0))) == Counter(EmbeddedMNIST("val").labels.tolist())
+
+
+def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "shards"
+    spec = write_id_shards(root, [10, 10, 10], sizes_json=False)
+    with wds.TarWriter(str(root / "part-000003.tar")) as tar:
+        for i in range(30, 35):
+            data = b"\xff\xd8\xff\xe0 not a jpeg" if i == 32 else png(i)
+            tar.write({"__key__": f"id{i:06d}", "jpg" if i == 32 else "png": data, "cls": str(i).encode()})
+    spec = spec.replace("000002", "000003")
+    damaged = root / "part-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:6000])
+
+    loader = build_shard_loader(spec, TO_8PX, 4, 2, 1, 0, 0, CPU, train=False)
+    seen = ids(loader.epoch(0))
+    assert len(seen) == len(set(seen))
+    assert set(range(0, 10)) | set(range(20, 32)) | set(range(33, 35)) <= set(seen)
+    assert 32 not in seen and len(set(range(10, 20)) & set(seen)) < 10
+    assert loader.skip_reasons == {"unreadable image": 1, "unreadable shard": 1}
+
+    training = build_shard_loader(spec, AUGMENT, 4, 2, 1, 0, 0, CPU, shuffle_buffer=8)
+    assert len(list(training.epoch(0))) == training.batches_per_epoch
+    assert training.skipped >= 1
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path, train):
+    sizes = [12] * 8 if train else [9, 12, 5, 12, 12, 7, 1, 12, 12]
+    spec = write_id_shards(tmp_path / "shards", sizes)
+    seen, steps = [], []
+    for rank in (0, 1):
+        loader = build_shard_loader(spec, AUGMENT if train else TO_8PX, 4, 2, 2, rank, 3, CPU, train=train,
+                                    shuffle_buffer=10)
+        batches = list(loader.epoch(0))
+        assert len(batches) == loader.batches_per_epoch
+        seen += ids(batches)
+        steps.append(len(batches))
+        if train:
+            assert loader.stream.plan.repeats(0) == (0, 0)
+    assert sorted(seen) == list(range(sum(sizes)))
+    if train:
+        assert steps == [12, 12]
+
+
+def test_uneven_shards_give_every_rank_the_same_steps_and_report_repeats_exactly(tmp_path):
+    sizes = [30, 3, 17, 1, 25]
+    spec = write_id_shards(tmp_path / "shards", sizes)
+    for epoch in (0, 1):
+        seen, steps, repeated, dropped = [], [], 0, 0
+        for rank in (0, 1):
+            loader = build_shard_loader(spec, AUGMENT, 4, 2, 2, rank, 0, CPU, batch_multiple=2)
+            seen += ids(loader.epoch(epoch))
+            steps.append(loader.batches_per_epoch)
+            extra, left_out = loader.stream.plan.repeats(epoch)
+            repeated, dropped = repeated + extra, dropped + left_out
+        assert steps == [8, 8] and len(seen) == 2 * 8 * 4
+        assert len(seen) - len(set(seen)) == repeated > 0
+        assert sum(sizes) - len(set(seen)) == dropped > 0
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_shard_resume_continues_with_the_exact_next_batch(tmp_path, resampled):
+    spec = write_id_shards(tmp_path / "shards", [7, 11, 9, 13, 8, 12])
+    loader = build_shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, CPU, shuffle_buffer=7, resampled=resampled)
+    full = list(loader.epoch(2))
+    assert len(full) == loader.batches_per_epoch == 10
+    for start in (3, 6):
+        resumed = build_shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, CPU, shuffle_buffer=7, resampled=resampled)
+        rest = list(resumed.epoch(2, start))
+        assert len(rest) == len(full) - start
+        for (a, la), (b, lb) in zip(full[start:], rest):
+            assert torch.equal(la, lb) and torch.equal(a, b)
+    assert ids(loader.epoch(3)) != ids(full), "each epoch has its own order"
+
+
+def test_map_style_resume_continues_with_the_exact_next_batch(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(24):
+        Image.new("RGB", (10, 12), (i * 10, 0, 0)).save(root / f"{i:02d}.png")
+    (root / "99.jpg").write_bytes(b"\xff\xd8 broken")
+
+    def loader():
+        dataset = ImageFolder(root, AUGMENT)
+        return EpochLoader(dataset, ResumableDistributedSampler(len(dataset), 5, 1, 0, seed=4), 2, CPU)
+
+    whole = loader()
+    full = list(whole.epoch(1))
+    assert len(full) == 5 and whole.skipped == 1, "a file unreadable in a worker process is counted"
+    rest = list(loader().epoch(1, 2))
+    assert len(rest) == 3
+    for (a, la), (b, lb) in zip(full[2:], rest):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_shard_list_matching_nothing_is_a_clear_start_up_error(tmp_path):
+    with pytest.raises(DataError, match="matches no shard file"):
+        build_shard_loader(f"{tmp_path}/none-{{000000..000003}}.tar", TO_8PX, 4, 0, 1, 0, 0, CPU)
+    spec = write_id_shards(tmp_path / "shards", [4, 4])
+    with pytest.raises(DataError, match="2 shard.* cannot be split over 2 process.* x 2 worker"):
+        build_shard_loader(spec, TO_8PX, 2, 2, 2, 0, 0, CPU)
+
+
+def test_pipe_urls_stream_the_same_samples_as_local_files(tmp_path):
+    spec = write_id_shards(tmp_path / "shards", [5, 7, 6])
+    piped = "::".join(f"pipe:cat {tmp_path}/shards/part-{s:06d}.tar" for s in range(3))
+    sizes = str(tmp_path / "shards" / "sizes.json")
+    local = build_shard_loader(spec, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4)
+    remote = build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4, sizes_file=sizes)
+    for (a, la), (b, lb) in zip(local.epoch(1), remote.epoch(1), strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    with pytest.raises(DataError, match="sample counts unknown"):
+        build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU)

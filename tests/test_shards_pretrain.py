@@ -1,0 +1,75 @@
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import webdataset as wds
+from conftest import REPO, TINY
+from PIL import Image
+
+from mimswin.data.sources import EmbeddedMNIST
+from mimswin.pretrain import cli, main
+from mimswin.train.rundir import read_metrics
+
+PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
+
+
+@pytest.fixture(scope="module")
+def mnist_shards(tmp_path_factory):
+    """12 shards of 20 real digits each; the 6th sample of every shard is a corrupt JPEG."""
+    out = tmp_path_factory.mktemp("shards")
+    digits = EmbeddedMNIST("val")
+    for s in range(12):
+        with wds.TarWriter(str(out / f"digits-{s:06d}.tar")) as tar:
+            for i in range(s * 20, s * 20 + 20):
+                if i % 20 == 5:
+                    tar.write({"__key__": f"d{i:04d}", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "cls": b"0"})
+                    continue
+                buffer = io.BytesIO()
+                Image.fromarray(digits.images[i]).save(buffer, format="PNG")
+                tar.write({"__key__": f"d{i:04d}", "png": buffer.getvalue(), "cls": str(digits.labels[i]).encode()})
+    return f"{out}/digits-{{000000..000011}}.tar"
+
+
+def test_two_process_pretraining_on_shards_completes(tmp_path, mnist_shards):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE),
+               str(tmp_path), *TINY, f"train.output_dir={run}", f"data.shards={mnist_shards}", "data.num_workers=2",
+               "data.shuffle_buffer=50", "train.max_steps=4", "train.log_every=2", "train.save_every=100",
+               "train.vis_every=100"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["steps"] == 4 for r in ranks)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4] and 0 < records[0]["skipped"] <= records[1]["skipped"]
+
+
+def test_pretraining_on_shards_resumes_exactly_and_counts_corrupt_images(tmp_path, mnist_shards):
+    common = TINY + [f"data.shards={mnist_shards}", "data.num_workers=2", "data.shuffle_buffer=40",
+                     "train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.log_every=1",
+                     "train.vis_every=100"]
+    full = tmp_path / "full"
+    trainer = main(common + [f"train.output_dir={full}"])
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
+    main(common + [f"train.output_dir={resumed}", "--resume"])
+    a = safetensors.torch.load_file(full / "checkpoints/step_00000006/model.safetensors")
+    b = safetensors.torch.load_file(resumed / "checkpoints/step_00000006/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert trainer.history[-1]["skipped"] == trainer.data.skipped > 0
+
+
+def test_shard_list_matching_nothing_stops_pretraining_with_one_line(tmp_path, capsys):
+    code = cli(TINY + [f"train.output_dir={tmp_path / 'run'}", f"data.shards={tmp_path}/none-{{0..3}}.tar"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"mimswin: error: data.shards: '{tmp_path}/none-{{0..3}}.tar' matches " \
+                                              "no shard file"
