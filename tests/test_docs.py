@@ -17,7 +17,7 @@ from PIL import Image
 
 from mimswin.cli import main
 from mimswin.config import PretrainConfig
-from mimswin.config_reference import reference_markdown, rows
+from mimswin.config_reference import SCHEMAS, find_schema, reference_markdown, rows
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -48,11 +48,14 @@ def test_docs_build_strict_with_generated_reference_recipes_and_mask_pictures(tm
 
 
 def test_config_reference_lists_every_leaf_key_with_its_default():
-    leaves = [f for section in dataclasses.fields(PretrainConfig) for f in
-              (dataclasses.fields(section.default_factory()) if section.default_factory is not dataclasses.MISSING
-               else [section])]
+    def leaves(schema):
+        return [f for section in dataclasses.fields(schema) for f in
+                (dataclasses.fields(section.default_factory()) if section.default_factory is not dataclasses.MISSING
+                 and dataclasses.is_dataclass(section.default_factory()) else [section])]
+    schemas = [schema for _, target in SCHEMAS if (schema := find_schema(target)) is not None]
     text = reference_markdown()
-    assert len(re.findall(r"^\| `[a-z_.]+` \|", text, re.M)) == len(leaves)
+    assert PretrainConfig in schemas
+    assert len(re.findall(r"^\| `[a-z_.]+` \|", text, re.M)) == sum(len(leaves(s)) for s in schemas)
     assert "| `optim.betas` | `List[float]` | `[0.9, 0.95]` |" in text
     assert "| `model.patch_size` | `Optional[int]` | `null` |" in text
 

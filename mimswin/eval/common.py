@@ -1,0 +1,156 @@
+"""What the evaluation programs share: arguments, run setup, eval records, best weights and the results file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from timm.utils import ModelEmaV3
+from torch.utils.data import Dataset
+
+from mimswin.config import list_presets, load_config, save_config
+from mimswin.errors import ConfigError
+from mimswin.eval.config import validate_eval
+from mimswin.eval.metrics import evaluate
+from mimswin.pretrain import flat_config
+from mimswin.train.checkpoint import latest_checkpoint
+from mimswin.train.loop import Trainer, make_accelerator
+from mimswin.train.rundir import RunDir, atomic_write_bytes
+
+C = TypeVar("C")
+
+
+def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional[Sequence[str]]) -> C:
+    """`--config` presets, `--from CKPT` and key=value overrides -> a validated config of `schema`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description + " Any config key can be overridden as key=value, --key=value or "
+        "--key value.", epilog="presets: " + ", ".join(list_presets()))
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML preset path or name under configs/ (repeatable; later ones win)")
+    parser.add_argument("--from", dest="checkpoint", default=None,
+                        help="pretrained encoder: exported .safetensors, run dir, or checkpoint dir")
+    args, overrides = parser.parse_known_args(argv)
+    if args.checkpoint is not None:
+        overrides = [*overrides, f"checkpoint={json.dumps(args.checkpoint)}"]
+    cfg = load_config(schema, args.config, overrides)
+    validate_eval(cfg)
+    if cfg.checkpoint is None:
+        raise ConfigError("no pretrained encoder given: pass --from RUN_DIR, CHECKPOINT_DIR or ENCODER.safetensors")
+    return cfg
+
+
+def start_run(cfg: Any) -> Tuple[Accelerator, RunDir]:
+    """Accelerator and a fresh run dir holding the resolved config; trackers get the flat config."""
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available() and not cfg.train.cpu:
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
+    accelerator = make_accelerator(cfg.train)
+    run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
+    if latest_checkpoint(run_dir.checkpoints) is not None:
+        raise ConfigError(f"train.output_dir '{run_dir.root}' already holds checkpoints: choose another output_dir")
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir.config)
+    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg))
+    return accelerator, run_dir
+
+
+def log_record(accelerator: Accelerator, run_dir: RunDir, record: Dict[str, Any]) -> None:
+    """One metrics record (with `step`) to metrics.jsonl and the trackers."""
+    run_dir.log_metrics(record)
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def log_eval(trainer: Trainer, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """An evaluation record at the current step: to history, metrics.jsonl, trackers and the console."""
+    record = {"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}
+    trainer.history.append(record)
+    log_record(trainer.accelerator, trainer.run_dir, record)
+    shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    (trainer.progress.write if trainer.progress is not None and not trainer.progress.disable
+     else trainer.accelerator.print)(f"step {trainer.state.step} epoch {trainer.state.epoch}: {shown}")
+    return record
+
+
+class EvaluateEachEpoch:
+    """Top-1/top-5 on the val split after every epoch and at the end (also of the EMA weights); keeps the best."""
+
+    def __init__(self, val_set: Dataset, batch_size: int, num_workers: int, progress: bool, meta: Dict[str, Any],
+                 ema: Optional[ModelEmaV3] = None) -> None:
+        self.val_set, self.ema, self.meta = val_set, ema, meta
+        self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
+        self.best: Dict[str, Any] = {"top1": -1.0}
+        self.last: Dict[str, Any] = {}
+        self.evaluated_step = -1
+
+    def on_step(self, trainer: Trainer) -> None:
+        if self.ema is not None:
+            self.ema.update(trainer.accelerator.unwrap_model(trainer.model), step=trainer.state.step)
+
+    def run(self, trainer: Trainer) -> None:
+        if trainer.state.step == self.evaluated_step:
+            return
+        self.evaluated_step = trainer.state.step
+        accelerator = trainer.accelerator
+        model = accelerator.unwrap_model(trainer.model)
+        kwargs = self.loader_args
+        metrics = {f"val_{k}": v for k, v in evaluate(model, self.val_set, accelerator, **kwargs).items()}
+        candidates = [("", model, metrics["val_top1"])]
+        if self.ema is not None:
+            ema_metrics = evaluate(self.ema.module, self.val_set, accelerator, **kwargs)
+            metrics.update({f"val_ema_{k}": v for k, v in ema_metrics.items() if k != "count"})
+            candidates.append(("ema", self.ema.module, ema_metrics["top1"]))
+        self.last = log_eval(trainer, metrics)
+        for tag, weights, top1 in candidates:
+            if top1 > self.best["top1"]:
+                self.best = {"top1": top1, "step": trainer.state.step, "epoch": trainer.state.epoch,
+                             "weights": tag or "model"}
+                save_weights(accelerator, trainer.run_dir.root / "best", weights,
+                             {"step": trainer.state.step, "epoch": trainer.state.epoch, "val_top1": top1,
+                              "meta": self.meta})
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        self.run(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.run(trainer)
+
+
+def save_weights(accelerator: Accelerator, directory: Path, model: torch.nn.Module, state: Dict[str, Any]) -> None:
+    """Rank 0 writes `model.safetensors` + `state.json` (with meta naming the architecture): a dir `--from` accepts."""
+    if not accelerator.is_main_process:
+        return
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(directory / "model.safetensors", safetensors.torch.save(tensors))
+    atomic_write_bytes(directory / "state.json", json.dumps(state, indent=1).encode())
+
+
+def write_results(accelerator: Accelerator, run_dir: RunDir, results: Dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        atomic_write_bytes(run_dir.root / "results.json", json.dumps(results, indent=1).encode())
+
+
+class Stopwatch:
+    """Named wall-clock intervals, for the timings a results file reports."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    def time(self, name: str) -> "_Interval":
+        return _Interval(self, name)
+
+
+class _Interval:
+    def __init__(self, watch: Stopwatch, name: str) -> None:
+        self.watch, self.name = watch, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
+

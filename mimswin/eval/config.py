@@ -1,0 +1,95 @@
+"""Config schemas of the evaluation programs, reusing the data/optimizer/loop sections of pretraining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from mimswin.config import DataConfig, OptimConfig, TrainConfig
+from mimswin.errors import ConfigError
+
+POOLS = ("avg", "token")
+PROBE_MODES = ("mae", "cached")
+
+
+@dataclass
+class ClassifierConfig:
+    """The plain timm classifier around the encoder; name and sizes come from the checkpoint unless set here."""
+
+    name: Optional[str] = None
+    img_size: Optional[int] = None
+    global_pool: str = "avg"
+    drop_path_rate: float = 0.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation from timm: RandAugment, random erasing, Mixup/CutMix, label smoothing."""
+
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+
+
+@dataclass
+class KnnConfig:
+    """Weighted k-NN (DINO) on cosine similarity of cached features; `k: 0` turns it off."""
+
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class FinetuneConfig:
+    checkpoint: Optional[str] = None
+    random_init: bool = False
+    model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(drop_path_rate=0.1))
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        blr=5e-4, min_lr=1e-6, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=5.0))
+    layer_decay: float = 0.75
+    ema_decay: Optional[float] = None
+    eval_crop_pct: float = 1.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, output_dir="runs/finetune"))
+
+
+@dataclass
+class LinprobeConfig:
+    checkpoint: Optional[str] = None
+    random_init: bool = False
+    mode: str = "mae"
+    model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool="token"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        blr=0.1, weight_decay=0.0, warmup_epochs=10.0))
+    momentum: float = 0.9
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    eval_crop_pct: float = 1.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=90, output_dir="runs/linprobe"))
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
+    """Checks specific to evaluation (the shared sections are validated by `load_config`)."""
+    pool = cfg.model.global_pool
+    _check(pool in POOLS, "model.global_pool", f"must be one of {POOLS}, got '{pool}'")
+    _check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
+    if isinstance(cfg, FinetuneConfig):
+        _check(0 < cfg.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {cfg.layer_decay}")
+        _check(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {cfg.ema_decay}")
+        _check(0 <= cfg.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {cfg.aug.smoothing}")
+        mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
+        _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size",
+               f"Mixup/CutMix needs an even batch size, got {cfg.data.batch_size} (or set aug.mixup=0 aug.cutmix=0)")
+    else:
+        _check(cfg.mode in PROBE_MODES, "mode", f"must be one of {PROBE_MODES}, got '{cfg.mode}'")
+        _check(cfg.knn.k >= 0, "knn.k", f"must be >= 0, got {cfg.knn.k}")
+        _check(cfg.knn.temperature > 0, "knn.temperature", f"must be > 0, got {cfg.knn.temperature}")

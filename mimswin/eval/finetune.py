@@ -1,0 +1,142 @@
+"""Fine-tuning program: the plain timm classifier of a pretrained encoder, trained end to end with timm's recipe parts.
+
+Layer-wise lr decay, drop path, RandAugment, Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup +
+cosine per step; top-1/top-5 on the val split each epoch; last checkpoint (resumable) and best weights (`best/`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from accelerate.utils import set_seed
+from timm.data import Mixup, create_transform
+from timm.data.auto_augment import RandAugment
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from mimswin.data.transforms import eval_transform
+from mimswin.errors import MimswinError
+from mimswin.eval.common import EvaluateEachEpoch, parse_eval_args, start_run, write_results
+from mimswin.eval.config import FinetuneConfig
+from mimswin.eval.data import labeled_pair, train_loader
+from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.train.loop import Trainer
+from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
+
+POSTERIZE_MAX_MAGNITUDE = 9.99
+
+
+def finetune_transform(cfg: FinetuneConfig, img_size: int) -> Callable:
+    """timm's training transform: random resized crop, flip, RandAugment, normalize, random erasing.
+
+    At magnitude 10 timm's PosterizeIncreasing asks Pillow to keep 0 bits, which Pillow >= 11 refuses (ValueError);
+    its magnitude is capped just below 10 (1 bit kept, where old Pillow returned a black image).
+    """
+    transform = create_transform(img_size, is_training=True, scale=tuple(cfg.data.crop_scale),
+                                 hflip=cfg.data.hflip, auto_augment=cfg.aug.auto_augment, interpolation="bicubic",
+                                 mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), re_prob=cfg.aug.reprob,
+                                 re_mode="pixel", re_count=1)
+    for step in transform.transforms:
+        for op in step.ops if isinstance(step, RandAugment) else ():
+            if op.name.startswith("Posterize"):
+                op.magnitude_max = POSTERIZE_MAX_MAGNITUDE
+    return transform
+
+
+def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Optional[Mixup]:
+    if cfg.aug.mixup <= 0 and cfg.aug.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.aug.mixup, cutmix_alpha=cfg.aug.cutmix, label_smoothing=cfg.aug.smoothing,
+                 num_classes=num_classes)
+
+
+def build_criterion(cfg: FinetuneConfig, mixup: Optional[Mixup]) -> nn.Module:
+    """Soft-target CE under Mixup (which smooths the targets itself), else label-smoothing CE, else plain CE."""
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if cfg.aug.smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.aug.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def classification_loss(criterion: nn.Module, mixup: Optional[Mixup]) -> Callable:
+    """The loop core's loss function: (model, (images, labels)) -> loss, mixing the batch first when asked."""
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, targets = batch
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        return criterion(model(images).float(), targets)
+    return loss_fn
+
+
+def build_finetune(cfg: FinetuneConfig) -> tuple[Trainer, EvaluateEachEpoch]:
+    """Everything a fine-tuning run needs, wired, ready for `fit()`."""
+    source = read_encoder_weights(cfg.checkpoint)
+    accelerator, run_dir = start_run(cfg)
+    img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
+    train_set, val_set, num_classes = labeled_pair(
+        cfg.data, finetune_transform(cfg, img_size), eval_transform(img_size, cfg.data.mean, cfg.data.std,
+                                                                   cfg.eval_crop_pct))
+    set_seed(cfg.train.seed)
+    model, kwargs, name, report = build_classifier(source, cfg.model, num_classes, pretrained=not cfg.random_init)
+    accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}")
+    set_seed(cfg.train.seed + accelerator.process_index)
+    data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
+                        accelerator.device, cfg.train.grad_accum_steps)
+    steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum_steps
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    effective_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
+    lr = scaled_lr(cfg.optim, effective_batch)
+    optimizer = build_optimizer(model, cfg.optim, lr, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+    if ema is not None:
+        ema.module.to(accelerator.device)
+    mixup = build_mixup(cfg, num_classes)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    meta = {"program": "finetune", "timm_name": name, "timm_kwargs": kwargs, "num_classes": num_classes}
+    evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
+                                  ema)
+    trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data,
+                      classification_loss(build_criterion(cfg, mixup), mixup), run_dir, total_steps,
+                      cfg.optim.clip_grad, [evaluator], meta)
+    accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {total_steps} steps, "
+                      f"{steps_per_epoch} per epoch, effective batch {effective_batch}, lr {lr:.3g}, layer decay "
+                      f"{cfg.layer_decay}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"run dir {run_dir.root}")
+    return trainer, evaluator
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse, build, fine-tune, evaluate. Returns the results (also written to results.json)."""
+    cfg = parse_eval_args(FinetuneConfig, "mimswin-finetune", "Fine-tune a pretrained encoder as a timm classifier.",
+                          argv)
+    trainer, evaluator = build_finetune(cfg)
+    trainer.fit()
+    best = {k: v for k, v in evaluator.best.items()}
+    results = {"program": "finetune", "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init,
+               "steps": trainer.state.step, "epochs": cfg.train.epochs, "last": evaluator.last, "best": best,
+               "history": trainer.history}
+    write_results(trainer.accelerator, trainer.run_dir, results)
+    trainer.accelerator.print(f"done: val top-1 {evaluator.last.get('val_top1', float('nan')):.2f} (best "
+                              f"{best['top1']:.2f} at step {best.get('step')}); {trainer.run_dir.root}")
+    return results
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except MimswinError as err:
+        print(f"mimswin: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,44 @@
+"""Top-k accuracy and evaluation of a classifier over a dataset, exact under several processes."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mimswin.eval.data import rank_loader
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """Number of samples whose label is among the k highest scores, for each k (k capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).to(torch.float64)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int, num_workers: int,
+             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False
+             ) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) of `model` on every sample of `dataset`; each rank runs its share, sums are reduced."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes)
+    show = progress and accelerator.is_main_process
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(prepare(images) if prepare else images).float()
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum").double()
+        totals += torch.cat([loss[None], topk_correct(logits, labels).to(totals.device),
+                             torch.tensor([labels.numel()], dtype=torch.float64, device=totals.device)])
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    count = max(1.0, totals[3].item())
+    return {"loss": totals[0].item() / count, "top1": 100 * totals[1].item() / count,
+            "top5": 100 * totals[2].item() / count, "count": int(totals[3].item())}

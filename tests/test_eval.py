@@ -1,0 +1,214 @@
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from conftest import TINY
+from PIL import Image
+
+from mimswin.config import OptimConfig, TrainConfig
+from mimswin.eval import finetune, knn, linprobe
+from mimswin.eval.config import ClassifierConfig
+from mimswin.eval.linprobe import FrozenEncoderProbe
+from mimswin.eval.metrics import evaluate, topk_correct
+from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.export import read_export
+from mimswin.pretrain import main as pretrain
+from mimswin.train.loop import make_accelerator
+from mimswin.train.optim import build_optimizer, build_scheduler
+from mimswin.train.rundir import read_metrics
+
+FAST = ["data.batch_size=16", "data.num_workers=0", "train.progress=false", "train.log_every=1"]
+
+
+def write_colour_folder(root, per_class):
+    """Three classes of noisy images of one dominant colour each: separable by any sensible feature."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for c, colour in enumerate(("red", "green", "blue")):
+            folder = root / split / colour
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 90, (32, 32, 3))
+                pixels[..., c] += 160
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """A small labeled image folder (3 classes, 24 train / 12 val images each)."""
+    root = tmp_path_factory.mktemp("colours")
+    write_colour_folder(root, 24)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny MAE pretraining run (2 steps): its run dir, with a checkpoint and the exported encoder."""
+    run = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(TINY + [f"train.output_dir={run}", "train.max_steps=2"])
+    return run
+
+
+def encoder_keys_equal(model_state, exported, prefix=""):
+    for key, tensor in exported.items():
+        if key.startswith(("head.", "fc_norm.")):
+            continue
+        torch.testing.assert_close(model_state[prefix + key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_classifier_gets_exactly_the_exported_weights_from_file_run_dir_and_checkpoint(pretrained):
+    exported, name, kwargs = read_export(pretrained / "encoder.safetensors")
+    checkpoint = next((pretrained / "checkpoints").glob("step_*"))
+    for source in (pretrained / "encoder.safetensors", pretrained, checkpoint):
+        weights = read_encoder_weights(source)
+        assert weights.timm_name == name and weights.timm_kwargs["img_size"] == 32
+        model, _, _, report = build_classifier(weights, ClassifierConfig(global_pool="token"), 10)
+        encoder_keys_equal(model.state_dict(), exported)
+        assert report.missing == ["head.bias", "head.weight"]
+    model, _, _, report = build_classifier(read_encoder_weights(pretrained), ClassifierConfig(), 10)
+    assert set(report.missing) == {"head.bias", "head.weight", "fc_norm.bias", "fc_norm.weight"}
+    assert report.unexpected == ["norm.bias", "norm.weight"]
+
+
+def test_larger_image_size_resamples_the_position_embedding(pretrained):
+    model, _, _, _ = build_classifier(read_encoder_weights(pretrained), ClassifierConfig(img_size=48), 10)
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 192)
+    exported, _, _ = read_export(pretrained / "encoder.safetensors")
+    torch.testing.assert_close(model.pos_embed[:, 0], exported["pos_embed"][:, 0])
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, exported["blocks.0.attn.qkv.weight"])
+
+
+def test_layer_decay_gives_each_vit_depth_its_lr_scale():
+    depth, decay = 2, 0.5
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=depth, num_classes=10)
+    optimizer = build_optimizer(model, OptimConfig(), 1.0, layer_decay=decay)
+    scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    expected = {"pos_embed": decay ** (depth + 1), "patch_embed.proj.weight": decay ** (depth + 1),
+                "blocks.0.attn.qkv.weight": decay ** depth, "blocks.1.mlp.fc2.bias": decay ** (depth - 1),
+                "norm.weight": decay, "head.weight": 1.0}
+    assert {k: scale[id(named[k])] for k in expected} == pytest.approx(expected)  # timm: final norm below head
+    build_scheduler(optimizer, OptimConfig(warmup_epochs=0, min_lr=0.0), 10, 10).step_update(0)
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(decay ** depth)
+
+
+def test_topk_and_evaluate_count_known_labels():
+    logits = torch.tensor([[5.0, 1, 0, 0, 0, 0], [0, 5.0, 4, 0, 0, 0], [0, 1, 2, 3, 4, 5], [9, 0, 0, 0, 0, 1]])
+    labels = torch.tensor([0, 2, 0, 5])
+    assert topk_correct(logits, labels).tolist() == [1.0, 3.0]
+    dataset = torch.utils.data.TensorDataset(logits, labels)
+    result = evaluate(torch.nn.Identity(), dataset, make_accelerator(TrainConfig(cpu=True)), 3, 0)
+    assert result["top1"] == 25.0 and result["top5"] == 75.0 and result["count"] == 4
+
+
+def brute_force_knn(train, train_labels, query, num_classes, k, temperature):
+    scores = torch.zeros(len(query), num_classes, dtype=torch.float64)
+    for q in range(len(query)):
+        sims = [float(np.dot(query[q], x) / np.linalg.norm(query[q]) / np.linalg.norm(x)) for x in train.numpy()]
+        for i in sorted(range(len(sims)), key=lambda i: -sims[i])[:k]:
+            scores[q, train_labels[i]] += np.exp(sims[i] / temperature)
+    return scores
+
+
+def test_knn_matches_a_brute_force_reference():
+    generator = torch.Generator().manual_seed(0)
+    train, query = torch.randn(60, 8, generator=generator), torch.randn(9, 8, generator=generator)
+    train_labels = torch.randint(0, 4, (60,), generator=generator)
+    scores = knn.knn_predict(train, train_labels, query, 4, k=7, temperature=0.1)
+    reference = brute_force_knn(train, train_labels, query.numpy(), 4, 7, 0.1)
+    torch.testing.assert_close(scores.double(), reference, rtol=1e-4, atol=1e-4)
+    accuracy = knn.knn_accuracy(train, train_labels, query, reference.argmax(1), 4, 7, 0.1)
+    assert accuracy["top1"] == 100.0
+
+
+def test_finetune_runs_from_an_export_and_logs_val_accuracy(pretrained, colours, tmp_path):
+    out = tmp_path / "ft"
+    results = finetune.main(["--config", "tiny_finetune_cpu", "--from", str(pretrained / "encoder.safetensors"),
+                             f"data.path={colours}", f"train.output_dir={out}", "train.max_steps=3",
+                             "ema_decay=0.9", *FAST])
+    assert results["steps"] == 3
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "val_top1" in r]
+    assert len(evals) == 1 and evals[0]["val_count"] == 36 and 0 <= evals[0]["val_top1"] <= 100
+    assert "val_ema_top1" in evals[0]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert json.loads((out / "best/state.json").read_text())["meta"]["timm_name"] == "vit_tiny_patch16_224"
+
+
+def test_finetune_from_a_run_dir_starts_from_its_weights(pretrained, tmp_path):
+    trainer, _ = finetune.build_finetune(finetune.parse_eval_args(
+        finetune.FinetuneConfig, "t", "t", ["--config", "tiny_finetune_cpu", "--from", str(pretrained),
+                                            f"train.output_dir={tmp_path / 'ft'}", "model.global_pool=token",
+                                            *FAST]))
+    exported, _, _ = read_export(pretrained / "encoder.safetensors")
+    encoder_keys_equal(trainer.accelerator.unwrap_model(trainer.model).state_dict(), exported)
+
+
+def test_linprobe_trains_only_the_head_and_keeps_the_encoder_frozen(pretrained, colours, tmp_path):
+    out = tmp_path / "lp"
+    results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained), "mode=mae",
+                             f"data.path={colours}",
+                             f"train.output_dir={out}", "train.max_steps=3", "knn.k=0", *FAST])
+    assert results["steps"] == 3 and "val_top1" in results["last"]
+    checkpoint = next((out / "checkpoints").glob("step_*"))
+    state = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    exported, _, _ = read_export(pretrained / "encoder.safetensors")
+    encoder_keys_equal(state, exported, prefix="encoder.")
+    assert not any(k.startswith("head.0.") and k.endswith(("weight", "bias")) for k in state)
+    assert state["head.1.weight"].abs().max() > 0
+    probe = FrozenEncoderProbe(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1,
+                                                 num_classes=0), 3)
+    assert probe.head[0].weight is None and probe.head[0].bias is None
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+    assert not probe.train().encoder.training
+
+
+def test_cached_probe_and_knn_reach_high_accuracy_on_separable_classes(pretrained, colours, tmp_path):
+    results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained / "encoder.safetensors"),
+                             f"data.path={colours}", f"train.output_dir={tmp_path / 'lp'}", "train.epochs=6",
+                             "knn.k=5", *FAST])
+    assert results["last"]["val_count"] == 36
+    assert results["best"]["top1"] >= 90.0
+    assert results["knn_top1"] >= 90.0
+
+
+def test_knn_program_classifies_separable_classes(pretrained, colours, tmp_path):
+    results = knn.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained), f"data.path={colours}",
+                        "knn.k=5", f"train.output_dir={tmp_path / 'knn'}", *FAST])
+    assert results["knn_top1"] >= 90.0
+    assert read_metrics(tmp_path / "knn/metrics.jsonl")[0]["knn_top1"] == results["knn_top1"]
+
+
+@pytest.mark.parametrize("program", [finetune, linprobe])
+def test_bad_from_gives_one_line_errors(program, pretrained, tmp_path, capsys):
+    other = tmp_path / "other.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, other)
+    cases = [(tmp_path / "missing", "does not exist"),
+             (other, "not a mimswin encoder export"),
+             (tmp_path, "neither an exported encoder"),
+             (pretrained, "another architecture")]
+    for source, message in cases:
+        extra = ["model.name=vit_small_patch16_224"] if source == pretrained else []
+        code = program.cli(["--config", f"tiny_{program.__name__.split('.')[-1]}_cpu", "--from", str(source),
+                            f"train.output_dir={tmp_path / 'out'}", *extra, *FAST])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and err.count("\n") == 0, err
+    resnet = program.cli(["--config", f"tiny_{program.__name__.split('.')[-1]}_cpu", "--from", str(pretrained),
+                          "model.name=resnet18", f"train.output_dir={tmp_path / 'out2'}", *FAST])
+    err = capsys.readouterr().err
+    assert resnet == 2 and "resnet18" in err and err.count("\n") == 1
+
+
+def test_embedded_split_is_fixed_disjoint_and_holds_every_class():
+    from mimswin.config import DataConfig
+    from mimswin.eval.data import labeled_pair
+    train, val, classes = labeled_pair(DataConfig(), None, None)
+    again, _, _ = labeled_pair(DataConfig(), None, None)
+    assert (len(train), len(val), classes) == (4000, 1000, 10)
+    assert np.array_equal(train.images, again.images)
+    assert not {im.tobytes() for im in val.images[:200]} & {im.tobytes() for im in train.images}
+    assert np.bincount(val.labels, minlength=10).min() > 50
