@@ -8,14 +8,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
 from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fsdp_step import plugin_from  # noqa: E402
+
+from mimswin.errors import ConfigError  # noqa: E402
+from mimswin.train.loop import check_distribution  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "accelerate"
@@ -90,6 +95,17 @@ def wait_for(log: Path, text: str, timeout: float = 20.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"'{text}' never appeared in the log: {log.read_text() if log.exists() else ''}")
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_training_under_fsdp_or_deepspeed_is_refused_with_one_line_before_any_step(kind):
+    launched = SimpleNamespace(distributed_type=kind)
+    with pytest.raises(ConfigError, match="use DDP .*multi_gpu.yaml") as err:
+        check_distribution(launched)
+    assert "\n" not in str(err.value)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+    assert check_distribution(ddp) is ddp
+
 
 
 def test_slurm_script_launches_one_accelerate_per_node_with_the_cluster_topology(fake_cluster):
