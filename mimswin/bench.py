@@ -1,4 +1,5 @@
-"""Pretraining throughput benchmark: mimswin MAE vs HuggingFace ViTMAE vs the data loader vs the device's GEMM ceiling.
+"""Pretraining throughput benchmark: mimswin MAE and SimMIM vs HuggingFace ViTMAE and Swin SimMIM vs the data loader vs
+the device's GEMM ceiling.
 
 Every row is measured in one process at the same model size, image size, batch and mask ratio. A step is forward,
 backward, AdamW step and zero_grad on a fixed batch on the device; step time is the median of `--steps` after
@@ -27,10 +28,21 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError, MimswinError
 from mimswin.models import build_method
+from mimswin.models.vit import create_timm_encoder
 from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import enable_grad_checkpointing, optimizer_kwargs
 
-ROW_NAMES = ("mimswin-mae", "hf-vitmae", "loader")
+VIT_ROWS = ("mimswin-mae", "hf-vitmae")
+SWIN_ROWS = ("mimswin-simmim-swin", "mimswin-mae-swin", "hf-swin-simmim")
+ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, "loader")
+ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "all": ROW_NAMES}
+HF_ROWS = ("hf-vitmae", "hf-swin-simmim")
+# (ratio name, numerator row, denominator row): images/s of the first over the second.
+RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
+          ("swin_visible_over_simmim", "mimswin-mae-swin", "mimswin-simmim-swin"),
+          ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim"),
+          ("swin_visible_over_hf_simmim", "mimswin-mae-swin", "hf-swin-simmim"),
+          ("loader_over_model", "loader", "mimswin-mae"))
 
 
 @dataclass
@@ -46,15 +58,24 @@ class Setup:
     decoder_heads: int
     batch: int
     mask_ratio: float = 0.75
+    swin: str = "swin_tiny_patch4_window7_224"
+    swin_patch_size: Optional[int] = None
+    swin_kwargs: Dict[str, Any] = field(default_factory=dict)
+    simmim_unit: int = 32
 
 
+# The Swin rows share image size, batch, mask ratio and decoder (visible-only MAE) with the ViT rows; SimMIM hides
+# `simmim_unit` px squares (SimMIM's 32 px; 8 px at 32 px), visible-only MAE whole cells (the Swin's output stride).
+TINY_SWIN = {"embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4], "window_size": 4}
 PRESETS: Dict[str, Setup] = {
-    # ~1 minute on 2 CPU cores: ViT-Tiny width, 6 blocks, 8x8 patch grid at 32 px, 2-block 128-d decoder.
-    "tiny": Setup("vit_tiny_patch16_224", 32, 4, 6, 128, 2, 4, batch=32),
-    # The CPU comparison of the issue: full ViT-Tiny/16 at 224 with MAE's default 512-d 8-block decoder.
+    # ~1 minute on 2 CPU cores: ViT-Tiny width, 6 blocks, 8x8 patch grid at 32 px, 2-block 128-d decoder; the 2-stage
+    # Swin of configs/pretrain/tiny_mae_swin_cpu.yaml (patch 2, window 4, dims 32/64).
+    "tiny": Setup("vit_tiny_patch16_224", 32, 4, 6, 128, 2, 4, batch=32, swin_patch_size=2, swin_kwargs=TINY_SWIN,
+                  simmim_unit=8),
+    # The CPU comparison of the issue: full ViT-Tiny/16 at 224 with MAE's default 512-d 8-block decoder; Swin-T.
     "cpu": Setup("vit_tiny_patch16_224", 224, 16, 12, 512, 8, 16, batch=16),
-    # The GPU comparison: ViT-B/16 at 224, MAE's default decoder, 128 images per device.
-    "gpu": Setup("vit_base_patch16_224", 224, 16, 12, 512, 8, 16, batch=128),
+    # The GPU comparison: ViT-B/16 and Swin-B at 224, MAE's default decoder, 128 images per device.
+    "gpu": Setup("vit_base_patch16_224", 224, 16, 12, 512, 8, 16, batch=128, swin="swin_base_patch4_window7_224"),
 }
 
 
@@ -94,6 +115,19 @@ def mimswin_config(setup: Setup) -> PretrainConfig:
     return load_config(PretrainConfig, [], overrides)
 
 
+def swin_config(setup: Setup, method: str) -> PretrainConfig:
+    """The PretrainConfig of a setup's Swin for `simmim` (L1 on raw pixels, as SimMIM) or visible-only `mae`."""
+    overrides = [f"method={method}", f"model.name={setup.swin}", f"model.img_size={setup.img_size}",
+                 f"model.kwargs={json.dumps(setup.swin_kwargs)}", f"mask.ratio={setup.mask_ratio}",
+                 f"decoder.dim={setup.decoder_dim}", f"decoder.depth={setup.decoder_depth}",
+                 f"decoder.heads={setup.decoder_heads}", f"data.batch_size={setup.batch}"]
+    if setup.swin_patch_size is not None:
+        overrides.append(f"model.patch_size={setup.swin_patch_size}")
+    if method == "simmim":
+        overrides += [f"mask.unit={setup.simmim_unit}", "loss.norm_pix=false", "loss.kind=l1"]
+    return load_config(PretrainConfig, [], overrides)
+
+
 @dataclass
 class Contender:
     """A model under test: its loss on a batch, its optimizer and its own switch for gradient checkpointing."""
@@ -104,9 +138,9 @@ class Contender:
     enable_checkpointing: Callable[[], Any]
 
 
-def build_mimswin(setup: Setup, device: torch.device) -> Contender:
-    """mimswin's MAE with the optimizer `pretrain` builds (fused AdamW on CUDA)."""
-    cfg = mimswin_config(setup)
+def build_mimswin(setup: Setup, device: torch.device, cfg: Optional[PretrainConfig] = None) -> Contender:
+    """mimswin's method of `cfg` (default: MAE ViT) with the optimizer `pretrain` builds (fused AdamW on CUDA)."""
+    cfg = cfg or mimswin_config(setup)
     model = build_method(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, 1e-4, **optimizer_kwargs(cfg.optim, device))
     return Contender(model, lambda images: model(images).loss, optimizer, lambda: enable_grad_checkpointing(model))
@@ -132,8 +166,48 @@ def build_hf_vitmae(setup: Setup, device: torch.device) -> Contender:
                      model.gradient_checkpointing_enable)
 
 
+def build_mimswin_simmim_swin(setup: Setup, device: torch.device) -> Contender:
+    """mimswin's SimMIM: the whole Swin on all tokens, mask token on hidden ones, L1 on raw pixels."""
+    return build_mimswin(setup, device, swin_config(setup, "simmim"))
+
+
+def build_mimswin_mae_swin(setup: Setup, device: torch.device) -> Contender:
+    """mimswin's visible-only Swin MAE: the Swin on visible cells only, then the MAE decoder."""
+    return build_mimswin(setup, device, swin_config(setup, "mae"))
+
+
+def build_hf_swin_simmim(setup: Setup, device: torch.device) -> Contender:
+    """transformers' SwinForMaskedImageModeling with the timm Swin's sizes, hiding the same share of the same units as
+    mimswin's SimMIM (exactly `mask_ratio` of them per image, drawn on the device each step), the same AdamW."""
+    from transformers import SwinConfig, SwinForMaskedImageModeling
+
+    ref = swin_config(setup, "simmim")
+    m = ref.model
+    swin = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
+    patch, stages = swin.patch_embed.patch_size[0], len(swin.layers)
+    config = SwinConfig(image_size=setup.img_size, patch_size=patch, embed_dim=swin.embed_dim,
+                        depths=[len(stage.blocks) for stage in swin.layers],
+                        num_heads=[stage.blocks[0].attn.num_heads for stage in swin.layers],
+                        window_size=swin.layers[0].blocks[0].window_size[0], drop_path_rate=0.0,
+                        encoder_stride=patch * 2 ** (stages - 1))
+    model = SwinForMaskedImageModeling(config).to(device)
+    optimizer = build_optimizer(model, ref.optim, 1e-4, **optimizer_kwargs(ref.optim, device))
+    grid, unit = setup.img_size // patch, setup.simmim_unit // patch
+    units = (grid // unit) ** 2
+    hidden_count = round(setup.mask_ratio * units)
+
+    def loss_fn(images: torch.Tensor) -> torch.Tensor:
+        rank = torch.rand(images.shape[0], units, device=images.device).argsort(1).argsort(1)
+        hidden = (rank < hidden_count).view(-1, grid // unit, grid // unit)
+        hidden = hidden.repeat_interleave(unit, 1).repeat_interleave(unit, 2).flatten(1)
+        return model(pixel_values=images, bool_masked_pos=hidden).loss
+
+    return Contender(model, loss_fn, optimizer, model.gradient_checkpointing_enable)
+
+
 BUILDERS: Dict[str, Callable[[Setup, torch.device], Contender]] = {
-    "mimswin-mae": build_mimswin, "hf-vitmae": build_hf_vitmae}
+    "mimswin-mae": build_mimswin, "hf-vitmae": build_hf_vitmae, "mimswin-simmim-swin": build_mimswin_simmim_swin,
+    "mimswin-mae-swin": build_mimswin_mae_swin, "hf-swin-simmim": build_hf_swin_simmim}
 
 
 def synchronize(device: torch.device) -> None:
@@ -343,24 +417,21 @@ def run_benchmark(setup: Setup, device: torch.device, precision: str, steps: int
     """Measure every requested row and the GEMM ceiling in this process; rows keep the requested order."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     models = [row for row in rows if row in BUILDERS]
-    if "hf-vitmae" in models and importlib.util.find_spec("transformers") is None:
-        models.remove("hf-vitmae")
+    if importlib.util.find_spec("transformers") is None:
+        models = [row for row in models if row not in HF_ROWS]
     measured = {"loader": measure_loader(setup, device, steps, warmup, num_workers)} if "loader" in rows else {}
     model_rows, ceiling = measure_models(models, setup, device, precision, steps, warmup, grad_checkpointing,
                                          compile_model) if models else ([], gemm_ceiling(device, precision))
     measured.update({row.name: row for row in model_rows})
     report = Report(device.type, name, precision, torch.get_num_threads(), asdict(setup), ceiling / 1e12)
-    missing = Row("hf-vitmae", None, note="not measured: pip install 'mimswin[bench]' (transformers)")
-    report.rows = [measured.get(row, missing) for row in rows]
+    report.rows = [measured.get(row) or Row(row, None, note="not measured: pip install 'mimswin[bench]' (transformers)")
+                   for row in rows]
     by_name = {row.name: row for row in report.rows if row.images_per_s}
-    if "mimswin-mae" in by_name and "hf-vitmae" in by_name:
-        report.ratios["mimswin_over_hf_images_per_s"] = (by_name["mimswin-mae"].images_per_s
-                                                         / by_name["hf-vitmae"].images_per_s)
-        if device.type == "cpu":
-            report.ratios["mimswin_over_hf_by_cpu_time"] = by_name["hf-vitmae"].cpu_ms / by_name["mimswin-mae"].cpu_ms
-    if "mimswin-mae" in by_name and "loader" in by_name:
-        report.ratios["loader_over_model_images_per_s"] = (by_name["loader"].images_per_s
-                                                           / by_name["mimswin-mae"].images_per_s)
+    for key, top, bottom in RATIOS:
+        if top in by_name and bottom in by_name:
+            report.ratios[f"{key}_images_per_s"] = by_name[top].images_per_s / by_name[bottom].images_per_s
+            if device.type == "cpu" and by_name[top].cpu_ms:
+                report.ratios[f"{key}_by_cpu_time"] = by_name[bottom].cpu_ms / by_name[top].cpu_ms
     return report
 
 
@@ -403,9 +474,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
+    parser.add_argument("--decoder-depth", type=int, default=None,
+                        help="override the preset's MAE decoder blocks (ViT and visible-only Swin rows, HF ViTMAE)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row first")
-    parser.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma list of {', '.join(ROW_NAMES)}")
+    parser.add_argument("--rows", default="all", help=f"comma list of rows ({', '.join(ROW_NAMES)}) or groups "
+                        f"({', '.join(ROW_GROUPS)})")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model row")
     parser.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in every model row")
     parser.add_argument("--num-workers", type=int, default=2, help="loader row worker processes")
@@ -427,15 +501,22 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
+def select_rows(spec: str) -> List[str]:
+    """Row names of a comma list of rows and groups, groups expanded, each row once in the order first named."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(ROW_NAMES) - set(ROW_GROUPS))
+    if unknown or not names:
+        raise ConfigError(f"--rows: unknown row(s) {unknown} (known: {', '.join((*ROW_NAMES, *ROW_GROUPS))})")
+    rows = [row for name in names for row in ROW_GROUPS.get(name, (name,))]
+    return list(dict.fromkeys(rows))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Report:
     """Parse, measure, print the table (and JSON when asked); returns the report."""
     args = parse_args(argv)
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
-    unknown = sorted(set(rows) - set(ROW_NAMES))
-    if unknown or not rows:
-        raise ConfigError(f"--rows: unknown row(s) {unknown} (known: {', '.join(ROW_NAMES)})")
+    rows = select_rows(args.rows)
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
     setup = PRESETS[args.preset]
@@ -443,6 +524,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         if args.batch < 1:
             raise ConfigError(f"--batch must be positive, got {args.batch}")
         setup = Setup(**{**asdict(setup), "batch": args.batch})
+    if args.decoder_depth is not None:
+        if args.decoder_depth < 1:
+            raise ConfigError(f"--decoder-depth must be positive, got {args.decoder_depth}")
+        setup = Setup(**{**asdict(setup), "decoder_depth": args.decoder_depth})
     report = run_benchmark(setup, device, precision, args.steps, args.warmup, rows, args.grad_checkpointing,
                            args.compile, args.num_workers)
     print(format_table(report))

@@ -6,7 +6,18 @@ import json
 import pytest
 import torch
 
-from mimswin.bench import ROW_NAMES, cli, count_step_flops, main
+from mimswin.bench import (
+    BUILDERS,
+    HF_ROWS,
+    PRESETS,
+    ROW_NAMES,
+    SWIN_ROWS,
+    VIT_ROWS,
+    cli,
+    count_step_flops,
+    main,
+    select_rows,
+)
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -19,21 +30,47 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
     assert [row.name for row in report.rows] == list(ROW_NAMES)
     assert all(f"| {name} |" in table for name in ROW_NAMES)
     assert 1e9 < report.gemm_tflops * 1e12 < 1e15
-    mimswin, hf, loader = report.rows
+    rows = {row.name: row for row in report.rows}
     if not HAVE_TRANSFORMERS:
-        assert hf.images_per_s is None and "not measured" in hf.note
-        hf = mimswin
-    for row in (mimswin, hf):
-        assert row.images_per_s > 0 and row.step_ms > 0 and row.peak_mem_mb >= 0
-        assert 0 < row.mfu < 1, row
+        assert all(rows[name].images_per_s is None and "not measured" in rows[name].note for name in HF_ROWS)
+    models = [row for row in report.rows if row.name != "loader" and (HAVE_TRANSFORMERS or row.name not in HF_ROWS)]
+    for row in models:
+        assert row.images_per_s > 0 and row.step_ms > 0 and row.cpu_ms > 0 and row.peak_mem_mb >= 0, row
+        assert 0 < row.mfu < 1 and 0 < row.mfu_cpu_time < 1, row
         assert 0.1 < row.loss < 10, row
-    assert mimswin.gflops_per_image == pytest.approx(hf.gflops_per_image, rel=0.1)
-    assert loader.images_per_s > 0
+    assert rows["loader"].images_per_s > 0
+    simmim, visible = rows["mimswin-simmim-swin"], rows["mimswin-mae-swin"]
+    assert simmim.gflops_per_image > 0 and visible.gflops_per_image > 0
     saved = json.loads(out.read_text())
     assert [row["name"] for row in saved["rows"]] == list(ROW_NAMES)
+    assert saved["ratios"]["swin_visible_over_simmim_images_per_s"] == pytest.approx(
+        visible.images_per_s / simmim.images_per_s)
+    assert "swin_visible_over_simmim" in table.split("| loader |")[1]
     if HAVE_TRANSFORMERS:
-        ratio = saved["ratios"]["mimswin_over_hf_images_per_s"]
-        assert ratio == pytest.approx(mimswin.images_per_s / hf.images_per_s)
+        assert rows["mimswin-mae"].gflops_per_image == pytest.approx(rows["hf-vitmae"].gflops_per_image, rel=0.1)
+        assert simmim.gflops_per_image == pytest.approx(rows["hf-swin-simmim"].gflops_per_image, rel=0.1)
+        for key, top, bottom in (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
+                                 ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim")):
+            ratio = saved["ratios"][f"{key}_images_per_s"]
+            assert ratio == pytest.approx(rows[top].images_per_s / rows[bottom].images_per_s)
+
+
+def test_row_groups_expand_in_order_without_repeats():
+    assert select_rows("swin") == list(SWIN_ROWS)
+    assert select_rows("loader, vit,mimswin-mae") == ["loader", *VIT_ROWS]
+    assert select_rows("all") == list(ROW_NAMES)
+
+
+def test_swin_visible_only_does_fewer_flops_than_simmim_at_swin_t():
+    setup = PRESETS["cpu"]
+    images = torch.randn(1, 3, setup.img_size, setup.img_size)
+    flops = {}
+    for name in ("mimswin-simmim-swin", "mimswin-mae-swin"):
+        torch.manual_seed(0)
+        run = BUILDERS[name](setup, torch.device("cpu"))
+        flops[name] = count_step_flops(run.loss_fn, images, torch.device("cpu"), "fp32")
+    # A quarter of the cells visible: at most 4x fewer FLOPs (the decoder and occupied windows cost on top).
+    assert 1.5 < flops["mimswin-simmim-swin"] / flops["mimswin-mae-swin"] < 4
 
 
 def test_flop_counter_sees_attention_on_cpu():
@@ -48,6 +85,8 @@ def test_flop_counter_sees_attention_on_cpu():
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--rows", "mimswin-mae,bogus"], "unknown row"),
     (["--batch", "0"], "--batch"),
+    (["--decoder-depth", "0"], "--decoder-depth"),
+    (["--rows", ""], "unknown row"),
 ])
 def test_bad_arguments_are_one_clear_error(args, message, capsys):
     assert cli(args) == 2
