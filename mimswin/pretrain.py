@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
@@ -12,16 +11,15 @@ from accelerate.utils import set_seed
 
 from mimswin.config import PretrainConfig, list_presets, load_config, save_config, to_dict
 from mimswin.data.build import build_pretrain_data, preview_images
-from mimswin.errors import ConfigError, MimswinError
+from mimswin.errors import ConfigError
 from mimswin.export import export_encoder
 from mimswin.models import build_method
 from mimswin.models.vit import timm_kwargs
+from mimswin.program import parse_with_resume, resume_point, run_cli
 from mimswin.trackers import log_picture, tracker_init_kwargs
-from mimswin.train.checkpoint import latest_checkpoint, resolve_checkpoint, resumable_checkpoint, warn_stderr
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
 from mimswin.train.perf import apply_model_flags, optimizer_kwargs
-from mimswin.train.preemption import EXIT_PREEMPTED, Preempted
 from mimswin.train.rundir import RunDir
 from mimswin.viz import reconstruction_grid, save_png
 
@@ -36,14 +34,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
         epilog="presets: " + ", ".join(list_presets()))
     parser.add_argument("--config", action="append", default=[],
                         help="YAML preset path or name under configs/ (repeatable; later ones win)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="'auto' (the default when the flag has no value): continue from the latest complete "
-                             "checkpoint of train.output_dir, or start fresh if it has none; or a run/checkpoint dir")
-    args, overrides = parser.parse_known_args(argv)
-    if args.resume not in (None, "auto") and "=" in args.resume and not Path(args.resume).exists():
-        overrides.insert(0, args.resume)  # `--resume key=value`: the bare flag followed by an override
-        args.resume = "auto"
-    return args, overrides
+    return parse_with_resume(parser, argv)
 
 
 class PretrainPictures:
@@ -96,16 +87,7 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = make_accelerator(cfg.train)
     run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
-    checkpoint = None
-    if resume is not None:
-        warn = warn_stderr if accelerator.is_main_process else (lambda message: None)
-        checkpoint = (resumable_checkpoint(run_dir.checkpoints, warn) if resume == "auto"
-                      else resolve_checkpoint(resume, warn))
-        if checkpoint is None:
-            accelerator.print(f"--resume: no checkpoint in {run_dir.checkpoints}; starting fresh")
-    elif latest_checkpoint(run_dir.checkpoints) is not None:
-        raise ConfigError(f"train.output_dir '{run_dir.root}' already holds checkpoints: pass --resume to continue "
-                          "that run, or choose another output_dir")
+    checkpoint = resume_point(accelerator, run_dir.root, run_dir.checkpoints, resume)
 
     set_seed(cfg.train.seed)
     method = apply_model_flags(build_method(cfg), cfg.train)
@@ -167,14 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2; a preempted run (SIGTERM/SIGUSR1,
     checkpoint saved) exits with code 75 so a scheduler requeues it."""
-    try:
-        main(argv)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
-    except Preempted:
-        return EXIT_PREEMPTED
-    return 0
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

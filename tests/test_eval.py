@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 
 from mimswin.config import OptimConfig, TrainConfig
 from mimswin.eval import finetune, knn, linprobe
+from mimswin.eval.common import EvaluateEachEpoch
 from mimswin.eval.config import ClassifierConfig
 from mimswin.eval.linprobe import FrozenEncoderProbe
 from mimswin.eval.metrics import evaluate, topk_correct
@@ -18,6 +21,7 @@ from mimswin.export import read_export
 from mimswin.pretrain import main as pretrain
 from mimswin.train.loop import make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler
+from mimswin.train.preemption import EXIT_PREEMPTED
 from mimswin.train.rundir import read_metrics
 
 FAST = ["data.batch_size=16", "data.num_workers=0", "train.progress=false", "train.log_every=1"]
@@ -140,7 +144,7 @@ def test_finetune_runs_from_an_export_and_logs_val_accuracy(pretrained, colours,
 
 
 def test_finetune_from_a_run_dir_starts_from_its_weights(pretrained, tmp_path):
-    trainer, _ = finetune.build_finetune(finetune.parse_eval_args(
+    trainer, _ = finetune.build_finetune(*finetune.parse_eval_args(
         finetune.FinetuneConfig, "t", "t", ["--config", "tiny_finetune_cpu", "--from", str(pretrained),
                                             f"train.output_dir={tmp_path / 'ft'}", "model.global_pool=token",
                                             *FAST]))
@@ -212,3 +216,75 @@ def test_embedded_split_is_fixed_disjoint_and_holds_every_class():
     assert np.array_equal(train.images, again.images)
     assert not {im.tobytes() for im in val.images[:200]} & {im.tobytes() for im in train.images}
     assert np.bincount(val.labels, minlength=10).min() > 50
+
+
+def final_checkpoint_files(run):
+    """Every tensor of the last checkpoint (model and extra state such as EMA weights), by file and key."""
+    last = run / "checkpoints" / (run / "checkpoints/latest").read_text()
+    return {f"{file.name}:{key}": tensor for file in sorted(last.glob("*.safetensors"))
+            for key, tensor in safetensors.torch.load_file(str(file)).items()}
+
+
+def preempt_then_resume(program, args, step, tmp_path, monkeypatch, capsys):
+    """Run `program` uninterrupted, then again with SIGUSR1 at `step` (exit 75) and --resume; both run dirs."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert program.cli(args + [f"train.output_dir={full}"]) == 0
+    original = EvaluateEachEpoch.on_step
+
+    def on_step(self, trainer):
+        original(self, trainer)
+        if trainer.state.step == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(EvaluateEachEpoch, "on_step", on_step)
+    assert program.cli(args + [f"train.output_dir={cut}"]) == EXIT_PREEMPTED
+    monkeypatch.undo()
+    assert (cut / "checkpoints/latest").read_text() == f"step_{step:08d}"
+    capsys.readouterr()
+    assert program.cli(args + [f"train.output_dir={cut}"]) == 2
+    assert "already holds checkpoints: pass --resume" in capsys.readouterr().err
+    assert program.cli(args + [f"train.output_dir={cut}", "--resume"]) == 0
+    assert f"at step {step}" in capsys.readouterr().out
+    return full, cut
+
+
+def assert_resumed_equals_uninterrupted(full, cut, step):
+    a, b = final_checkpoint_files(full), final_checkpoint_files(cut)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    results = [json.loads((run / "results.json").read_text()) for run in (full, cut)]
+    assert results[0]["best"] == results[1]["best"] and results[0]["last"] == results[1]["last"]
+    after = [[r for r in read_metrics(run / "metrics.jsonl") if r["step"] > step] for run in (full, cut)]
+    for records in after:
+        for record in records:
+            record.pop("images_per_s", None)
+    assert after[0] == after[1]
+    return a
+
+
+def test_preempted_finetune_exits_75_and_resumes_to_the_uninterrupted_weights_and_ema(pretrained, colours, tmp_path,
+                                                                                       monkeypatch, capsys):
+    args = ["--config", "tiny_finetune_cpu", "--from", str(pretrained / "encoder.safetensors"),
+            f"data.path={colours}", "train.epochs=2", "ema_decay=0.9", *FAST]  # 4 steps per epoch
+    full, cut = preempt_then_resume(finetune, args, 5, tmp_path, monkeypatch, capsys)
+    tensors = assert_resumed_equals_uninterrupted(full, cut, 5)
+    assert any(key.startswith("extra_EvaluateEachEpoch.safetensors:ema.") for key in tensors)
+    best = json.loads((full / "results.json").read_text())["best"]
+    saved = json.loads((cut / "checkpoints/step_00000005/state.json").read_text())
+    assert saved["extra"]["EvaluateEachEpoch"]["best"]["step"] == 4  # the epoch-1 record survived the preemption
+    assert "extra_EvaluateEachEpoch.safetensors" in saved["files"]
+    best_a, best_b = (safetensors.torch.load_file(str(run / "best/model.safetensors")) for run in (full, cut))
+    assert best["step"] in (4, 8) and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_preempted_cached_linprobe_resumes_to_the_uninterrupted_head(pretrained, colours, tmp_path, monkeypatch,
+                                                                    capsys):
+    args = ["--config", "tiny_linprobe_cpu", "--from", str(pretrained / "encoder.safetensors"),
+            f"data.path={colours}", "mode=cached", "train.epochs=2", "knn.k=0", *FAST]
+    full, cut = preempt_then_resume(linprobe, args, 3, tmp_path, monkeypatch, capsys)
+    assert set(assert_resumed_equals_uninterrupted(full, cut, 3)) == {"model.safetensors:1.weight",
+                                                                     "model.safetensors:1.bias",
+                                                                     "model.safetensors:0.running_mean",
+                                                                     "model.safetensors:0.running_var",
+                                                                     "model.safetensors:0.num_batches_tracked"}

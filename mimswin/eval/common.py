@@ -15,19 +15,21 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
 from mimswin.config import list_presets, load_config, save_config
-from mimswin.errors import ConfigError
+from mimswin.errors import CheckpointError, ConfigError
 from mimswin.eval.config import validate_eval
 from mimswin.eval.metrics import evaluate
 from mimswin.pretrain import flat_config
-from mimswin.train.checkpoint import latest_checkpoint
+from mimswin.program import parse_with_resume, resume_point
 from mimswin.train.loop import Trainer, make_accelerator
 from mimswin.train.rundir import RunDir, atomic_write_bytes
 
 C = TypeVar("C")
 
 
-def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional[Sequence[str]]) -> C:
-    """`--config` presets, `--from CKPT` and key=value overrides -> a validated config of `schema`."""
+def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional[Sequence[str]],
+                    resumable: bool = False) -> Tuple[C, Optional[str]]:
+    """`--config` presets, `--from CKPT`, key=value overrides (and `--resume` for a program that trains) -> a
+    validated config of `schema` and the `--resume` value (None when not given)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description + " Any config key can be overridden as key=value, --key=value or "
         "--key value.", epilog="presets: " + ", ".join(list_presets()))
@@ -35,28 +37,32 @@ def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional
                         help="YAML preset path or name under configs/ (repeatable; later ones win)")
     parser.add_argument("--from", dest="checkpoint", default=None,
                         help="pretrained encoder: exported .safetensors, run dir, or checkpoint dir")
-    args, overrides = parser.parse_known_args(argv)
+    if resumable:
+        args, overrides = parse_with_resume(parser, argv)
+    else:
+        args, overrides = parser.parse_known_args(argv)
+        args.resume = None
     if args.checkpoint is not None:
         overrides = [*overrides, f"checkpoint={json.dumps(args.checkpoint)}"]
     cfg = load_config(schema, args.config, overrides)
     validate_eval(cfg)
     if cfg.checkpoint is None:
         raise ConfigError("no pretrained encoder given: pass --from RUN_DIR, CHECKPOINT_DIR or ENCODER.safetensors")
-    return cfg
+    return cfg, args.resume
 
 
-def start_run(cfg: Any) -> Tuple[Accelerator, RunDir]:
-    """Accelerator and a fresh run dir holding the resolved config; trackers get the flat config."""
+def start_run(cfg: Any, resume: Optional[str] = None) -> Tuple[Accelerator, RunDir, Optional[Path]]:
+    """Accelerator, the run dir (holding the resolved config) and the checkpoint to resume from (None: a fresh
+    run; an output dir holding checkpoints needs `resume`); trackers get the flat config."""
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available() and not cfg.train.cpu:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
     accelerator = make_accelerator(cfg.train)
     run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
-    if latest_checkpoint(run_dir.checkpoints) is not None:
-        raise ConfigError(f"train.output_dir '{run_dir.root}' already holds checkpoints: choose another output_dir")
+    checkpoint = resume_point(accelerator, run_dir.root, run_dir.checkpoints, resume)
     if accelerator.is_main_process:
         save_config(cfg, run_dir.config)
     accelerator.init_trackers(cfg.train.project, config=flat_config(cfg))
-    return accelerator, run_dir
+    return accelerator, run_dir, checkpoint
 
 
 def log_record(accelerator: Accelerator, run_dir: RunDir, record: Dict[str, Any]) -> None:
@@ -115,6 +121,21 @@ class EvaluateEachEpoch:
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         self.run(trainer)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Saved with each checkpoint: the best-so-far record and the EMA weights (as `ema.*` tensors)."""
+        ema = {f"ema.{k}": v for k, v in self.ema.module.state_dict().items()} if self.ema is not None else {}
+        return {"best": self.best, **ema}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.best = state["best"]
+        if self.ema is None:
+            return
+        weights = {k[len("ema."):]: v for k, v in state.items() if k.startswith("ema.")}
+        if not weights:
+            raise CheckpointError("the checkpoint holds no EMA weights (saved without ema_decay); resume without "
+                                  "ema_decay or start a new run")
+        self.ema.module.load_state_dict(weights)
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.run(trainer)

@@ -18,11 +18,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from mimswin.data.transforms import eval_transform
-from mimswin.errors import MimswinError
 from mimswin.eval.common import EvaluateEachEpoch, parse_eval_args, start_run, write_results
 from mimswin.eval.config import FinetuneConfig
 from mimswin.eval.data import labeled_pair, train_loader
 from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
 
@@ -72,10 +72,11 @@ def classification_loss(criterion: nn.Module, mixup: Optional[Mixup]) -> Callabl
     return loss_fn
 
 
-def build_finetune(cfg: FinetuneConfig) -> tuple[Trainer, EvaluateEachEpoch]:
-    """Everything a fine-tuning run needs, wired, ready for `fit()`."""
+def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[Trainer, EvaluateEachEpoch]:
+    """Everything a fine-tuning run needs, wired and (with `resume`, see `mimswin.program.resume_point`) restored,
+    EMA weights and best-so-far record included, ready for `fit()`."""
     source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir = start_run(cfg)
+    accelerator, run_dir, checkpoint = start_run(cfg, resume)
     img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
     train_set, val_set, num_classes = labeled_pair(
         cfg.data, finetune_transform(cfg, img_size), eval_transform(img_size, cfg.data.mean, cfg.data.std,
@@ -105,6 +106,8 @@ def build_finetune(cfg: FinetuneConfig) -> tuple[Trainer, EvaluateEachEpoch]:
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data,
                       classification_loss(build_criterion(cfg, mixup), mixup), run_dir, total_steps,
                       cfg.optim.clip_grad, [evaluator], meta)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
     accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {total_steps} steps, "
                       f"{steps_per_epoch} per epoch, effective batch {effective_batch}, lr {lr:.3g}, layer decay "
                       f"{cfg.layer_decay}, {accelerator.num_processes} process(es) on {accelerator.device}, "
@@ -114,9 +117,9 @@ def build_finetune(cfg: FinetuneConfig) -> tuple[Trainer, EvaluateEachEpoch]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse, build, fine-tune, evaluate. Returns the results (also written to results.json)."""
-    cfg = parse_eval_args(FinetuneConfig, "mimswin-finetune", "Fine-tune a pretrained encoder as a timm classifier.",
-                          argv)
-    trainer, evaluator = build_finetune(cfg)
+    cfg, resume = parse_eval_args(FinetuneConfig, "mimswin-finetune",
+                                  "Fine-tune a pretrained encoder as a timm classifier.", argv, resumable=True)
+    trainer, evaluator = build_finetune(cfg, resume)
     trainer.fit()
     best = {k: v for k, v in evaluator.best.items()}
     results = {"program": "finetune", "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init,
@@ -129,13 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry point (see `mimswin.program.run_cli`)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

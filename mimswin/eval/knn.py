@@ -13,12 +13,13 @@ import torch
 from accelerate.utils import set_seed
 
 from mimswin.data.transforms import eval_transform
-from mimswin.errors import ConfigError, MimswinError
+from mimswin.errors import ConfigError
 from mimswin.eval.common import Stopwatch, log_record, parse_eval_args, start_run, write_results
 from mimswin.eval.config import LinprobeConfig
 from mimswin.eval.data import labeled_pair
 from mimswin.eval.features import extract_features
 from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.program import run_cli
 
 CHUNK = 1024
 
@@ -50,11 +51,12 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse, encode train and val once, classify val by k-NN. Returns the results (also in results.json)."""
-    cfg = parse_eval_args(LinprobeConfig, "mimswin-knn", "k-NN evaluation of a pretrained encoder's features.", argv)
+    cfg, _ = parse_eval_args(LinprobeConfig, "mimswin-knn", "k-NN evaluation of a pretrained encoder's features.",
+                             argv)
     if cfg.knn.k < 1:
         raise ConfigError("config key 'knn.k': must be >= 1 for the k-NN program")
     source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir = start_run(cfg)
+    accelerator, run_dir, _ = start_run(cfg)
     img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
     transform = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
     train_set, val_set, num_classes = labeled_pair(cfg.data, transform, transform)
@@ -81,13 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry point (see `mimswin.program.run_cli`)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mimswin.data.transforms import eval_transform, pretrain_transform
-from mimswin.errors import MimswinError
 from mimswin.eval.common import EvaluateEachEpoch, Stopwatch, log_record, parse_eval_args, start_run, write_results
 from mimswin.eval.config import LinprobeConfig
 from mimswin.eval.data import feature_dataset, labeled_pair, train_loader
 from mimswin.eval.features import extract_features
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_scheduler, scaled_lr
 
@@ -104,10 +104,12 @@ def encode_splits(encoder: nn.Module, train_set: Dataset, val_set: Dataset, acce
     return {"train": train_f, "train_labels": train_y, "val": val_f, "val_labels": val_y}
 
 
-def build_linprobe(cfg: LinprobeConfig) -> Tuple[Trainer, EvaluateEachEpoch, Optional[KnnAtEnd], Stopwatch]:
-    """Everything a probe run needs, wired, ready for `fit()`; in cached mode the features are computed here."""
+def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
+                   ) -> Tuple[Trainer, EvaluateEachEpoch, Optional[KnnAtEnd], Stopwatch]:
+    """Everything a probe run needs, wired and (with `resume`) restored, ready for `fit()`; in cached mode the
+    features are computed here (again on resume: the frozen encoder gives the same ones)."""
     source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir = start_run(cfg)
+    accelerator, run_dir, checkpoint = start_run(cfg, resume)
     img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
     plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
     augmented = pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
@@ -148,6 +150,8 @@ def build_linprobe(cfg: LinprobeConfig) -> Tuple[Trainer, EvaluateEachEpoch, Opt
     callbacks = [evaluator] + ([knn] if knn is not None else [])
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, cross_entropy_loss, run_dir,
                       total_steps, cfg.optim.clip_grad, callbacks, meta)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
     accelerator.print(f"linear probe ({cfg.mode}) of {name}, {probe.encoder.num_features} features, {num_classes} "
                       f"classes, {len(train_set)} train samples: {total_steps} steps, {steps_per_epoch} per epoch, "
                       f"effective batch {effective_batch}, lr {lr:.3g}, {accelerator.num_processes} process(es) on "
@@ -157,9 +161,9 @@ def build_linprobe(cfg: LinprobeConfig) -> Tuple[Trainer, EvaluateEachEpoch, Opt
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse, build, train the head, evaluate. Returns the results (also written to results.json)."""
-    cfg = parse_eval_args(LinprobeConfig, "mimswin-linprobe", "Linear probe (and k-NN) of a pretrained encoder.",
-                          argv)
-    trainer, evaluator, knn, watch = build_linprobe(cfg)
+    cfg, resume = parse_eval_args(LinprobeConfig, "mimswin-linprobe",
+                                  "Linear probe (and k-NN) of a pretrained encoder.", argv, resumable=True)
+    trainer, evaluator, knn, watch = build_linprobe(cfg, resume)
     with watch.time("train_s"):
         trainer.fit()
     results = {"program": "linprobe", "mode": cfg.mode, "checkpoint": str(cfg.checkpoint),
@@ -174,13 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """Console entry point (see `mimswin.program.run_cli`)."""
+    return run_cli(main, argv)
 
 
 if __name__ == "__main__":

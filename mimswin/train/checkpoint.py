@@ -1,7 +1,8 @@
 """Resumable checkpoints that cannot run code: safetensors weights, `weights_only=True` tensors, JSON counters.
 
 Layout of `checkpoints/step_00001000/`: model.safetensors, optimizer.pt, scaler.pt (fp16 only), rng_<rank>.pt per rank,
-state.json (counters, metadata and a manifest: size and SHA-256 of every other file). A checkpoint is written into
+state.json (counters, metadata and a manifest: size and SHA-256 of every other file); extra state (e.g. a callback's
+EMA weights) keeps its JSON values in state.json, its tensors in extra_<name>.safetensors. A checkpoint is written into
 `.tmp-step_*`, fsynced and renamed when complete; the file `checkpoints/latest` (replaced atomically) names the newest
 complete one. A kill at any point leaves the previous checkpoint usable; leftovers of a killed save are `.tmp-*` names,
 never taken for a checkpoint and removed by the next save. Resuming checks the manifest: a damaged newest checkpoint
@@ -273,12 +274,40 @@ def _agree_on_failure(accelerator: Accelerator, error: Optional[OSError], root: 
     raise CheckpointError(f"cannot save checkpoint '{final}': {reason}; {kept}")
 
 
+def write_extra(folder: Path, extra: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Write the tensors of each named extra state to `extra_<name>.safetensors`; return the JSON values."""
+    values = {}
+    for name, state in extra.items():
+        tensors = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            write_tensors(folder / f"extra_{name}.safetensors", tensors)
+        values[name] = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return values
+
+
+def read_extra(path: Path, name: str, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The extra state `name` saved with checkpoint `path` (whose state.json is `state`): JSON values and tensors,
+    or None when the checkpoint has none."""
+    values = (state.get("extra") or {}).get(name)
+    if values is None:
+        return None
+    file = path / f"extra_{name}.safetensors"
+    if not file.is_file():
+        return values
+    try:
+        return {**values, **safetensors.torch.load_file(str(file))}
+    except Exception as err:
+        raise CheckpointError(f"checkpoint '{path}': '{file.name}' is not a readable safetensors file: "
+                              f"{_first_line(err)}") from None
+
+
 def save_checkpoint(accelerator: Accelerator, root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     counters: Dict[str, Any], keep_last: int, meta: Dict[str, Any],
-                    keep_every: Optional[int] = None) -> Path:
+                    keep_every: Optional[int] = None, extra: Optional[Dict[str, Dict[str, Any]]] = None) -> Path:
     """Collective: every rank calls it. Each rank writes its RNG file, then rank 0 weights/optimizer and state.json
     (with the manifest of the others), all into `.tmp-step_*`, fsynced, then renamed; a failed write (e.g. a full
-    disk) raises CheckpointError on every rank and leaves the previous checkpoint as it was."""
+    disk) raises CheckpointError on every rank and leaves the previous checkpoint as it was. `extra`: named states
+    (flat mappings of tensors and JSON values, the same on every rank) written by rank 0 and covered by the manifest."""
     name = f"{STEP_PREFIX}{counters['step']:08d}"
     final, tmp = root / name, root / f"{TMP_PREFIX}{name}"
     main = accelerator.is_main_process
@@ -303,8 +332,9 @@ def save_checkpoint(accelerator: Accelerator, root: Path, model: torch.nn.Module
             write_torch(tmp / "optimizer.pt", optimizer.state_dict())
             if accelerator.scaler is not None:
                 write_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
+            extra_values = {"extra": write_extra(tmp, extra)} if extra else {}
             write_json(tmp / "state.json", dict(counters, world_size=accelerator.num_processes, meta=meta,
-                                                files=file_manifest(tmp)))
+                                                **extra_values, files=file_manifest(tmp)))
         except OSError as err:
             error = err
     _agree_on_failure(accelerator, error, root, tmp, final)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from mimswin.config import TrainConfig
 from mimswin.data.build import EpochLoader
-from mimswin.errors import ConfigError, TrainingError
-from mimswin.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mimswin.errors import CheckpointError, ConfigError, TrainingError
+from mimswin.train.checkpoint import latest_checkpoint, load_checkpoint, read_extra, save_checkpoint
 from mimswin.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopSignals, signal_name
 from mimswin.train.rundir import RunDir
 
@@ -38,6 +38,10 @@ class TrainState:
 
 
 class Callback(Protocol):
+    """Each hook is optional. A callback with state to keep across a resume also has `state_dict() -> dict` (a flat
+    mapping of tensors and JSON values) and `load_state_dict(state)`; it is saved in each checkpoint under its class
+    name."""
+
     def on_step(self, trainer: "Trainer") -> None: ...
 
     def on_epoch_end(self, trainer: "Trainer") -> None: ...
@@ -93,9 +97,15 @@ class Trainer:
         return self.accelerator.gradient_accumulation_steps
 
     def resume(self, path: Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, RNG of this rank and the exact data position."""
+        """Continue from a checkpoint: weights, optimizer, RNG of this rank, the exact data position and the state of
+        each stateful callback."""
         saved = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
         self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+        for name, callback in self._stateful_callbacks().items():
+            state = read_extra(path, name, saved)
+            if state is None:
+                raise CheckpointError(f"checkpoint '{path}' holds no state of {name} (saved by another program?)")
+            callback.load_state_dict(state)
         self._saved_step = self.state.step
         self.accelerator.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                                f"batch {self.state.batch_in_epoch})")
@@ -104,10 +114,14 @@ class Trainer:
         """Checkpoint the current step (once: a step already saved, e.g. just resumed, is not written again)."""
         if self._saved_step == self.state.step:
             return latest_checkpoint(self.run_dir.checkpoints) or self.run_dir.checkpoints
+        extra = {name: callback.state_dict() for name, callback in self._stateful_callbacks().items()}
         path = save_checkpoint(self.accelerator, self.run_dir.checkpoints, self.model, self.optimizer,
-                               asdict(self.state), self.cfg.keep_last, self.meta, self.cfg.keep_every)
+                               asdict(self.state), self.cfg.keep_last, self.meta, self.cfg.keep_every, extra)
         self._saved_step = self.state.step
         return path
+
+    def _stateful_callbacks(self) -> Dict[str, Any]:
+        return {type(callback).__name__: callback for callback in self.callbacks if hasattr(callback, "state_dict")}
 
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
