@@ -271,6 +271,8 @@ def test_preempted_finetune_exits_75_and_resumes_to_the_uninterrupted_weights_an
     tensors = assert_resumed_equals_uninterrupted(full, cut, 5)
     assert any(key.startswith("extra_EvaluateEachEpoch.safetensors:ema.") for key in tensors)
     best = json.loads((full / "results.json").read_text())["best"]
+    evaluated = [r["epoch"] for r in read_metrics(full / "metrics.jsonl") if "val_top1" in r]
+    assert evaluated == [1, 2]  # one evaluation per epoch, each labeled with the epochs completed, the last too
     saved = json.loads((cut / "checkpoints/step_00000005/state.json").read_text())
     assert saved["extra"]["EvaluateEachEpoch"]["best"]["step"] == 4  # the epoch-1 record survived the preemption
     assert "extra_EvaluateEachEpoch.safetensors" in saved["files"]

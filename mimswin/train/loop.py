@@ -237,6 +237,11 @@ class Trainer:
         self.accelerator.end_training()
         return Preempted(signum, self.state.step, path)
 
+    def _end_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self._call("on_epoch_end")
+
     def fit(self) -> TrainState:
         """Train until `total_steps`; save every `save_every` steps and at the end. On SIGTERM/SIGUSR1: finish the
         step, save, raise `Preempted` (exit code 75)."""
@@ -262,9 +267,9 @@ class Trainer:
                     if self._stop_requested(signals):
                         raise self._preempt(signals)
                 else:
-                    self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
-                    self._call("on_epoch_end")
+                    self._end_epoch()
+            if self.state.batch_in_epoch >= self.data.batches_per_epoch:
+                self._end_epoch()
         if self._micro_batches:
             self.log()
         self.save()
