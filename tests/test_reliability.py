@@ -154,8 +154,11 @@ def test_nonfinite_steps_are_skipped_and_counted_and_k_in_a_row_stop_the_run(tmp
     trainer.loss_fn = PoisonedLoss(trainer.loss_fn, nan_steps={2, 5, 6, 7}, inf_grad_steps={3})
     snapshots = Snapshots()
     trainer.callbacks.append(snapshots)
+    ended = []
+    trainer.accelerator.end_training = lambda: ended.append(True)
     with pytest.raises(TrainingError) as stop:
         trainer.fit()
+    assert ended == [True], "trackers were not ended when the run stopped"
     message = str(stop.value)
     assert "\n" not in message and "stopping at step 7" in message
     assert "3 steps in a row" in message and "train.max_nonfinite_steps=3" in message

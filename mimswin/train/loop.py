@@ -225,7 +225,7 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
 
     def _preempt(self, signals: StopSignals) -> Preempted:
-        """Save the finished step, flush trackers and say how to continue; the caller raises the result."""
+        """Save the finished step and say how to continue; the caller raises the result."""
         if self._micro_batches:
             self.log()
         path = self.save()
@@ -233,8 +233,6 @@ class Trainer:
         self.accelerator.print(f"stopped by {signal_name(signum) if signals.received else 'another rank'} after "
                                f"step {self.state.step}: checkpoint '{path}' saved; continue with --resume "
                                f"(exit code {EXIT_PREEMPTED})")
-        self.progress.close()
-        self.accelerator.end_training()
         return Preempted(signum, self.state.step, path)
 
     def _end_epoch(self) -> None:
@@ -242,38 +240,44 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self._call("on_epoch_end")
 
+    def _run_steps(self, signals: StopSignals) -> None:
+        """Optimizer steps from the saved data position until `total_steps`; epochs end as their last batch is used."""
+        while self.state.step < self.total_steps:
+            for batch in self.data.epoch(self.state.epoch, self.state.batch_in_epoch):
+                stepped = self._train_micro_batch(batch)
+                if self.state.batch_in_epoch % self.grad_accum_steps:
+                    continue
+                self.state.step += 1
+                self.progress.update(1)
+                self._count_nonfinite(stepped is not False)
+                if self.state.step % self.cfg.log_every == 0:
+                    self.log()
+                self._call("on_step")
+                if self.state.step % self.cfg.save_every == 0 and self.state.step < self.total_steps:
+                    self.save()
+                if self.state.step >= self.total_steps:
+                    break
+                if self._stop_requested(signals):
+                    raise self._preempt(signals)
+            else:
+                self._end_epoch()
+        if self.state.batch_in_epoch >= self.data.batches_per_epoch:
+            self._end_epoch()
+
     def fit(self) -> TrainState:
         """Train until `total_steps`; save every `save_every` steps and at the end. On SIGTERM/SIGUSR1: finish the
-        step, save, raise `Preempted` (exit code 75)."""
+        step, save, raise `Preempted` (exit code 75). Trackers are ended however the run stops."""
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                              disable=not (self.accelerator.is_main_process and self.cfg.progress))
         self.model.train()
-        with StopSignals() as signals:
-            while self.state.step < self.total_steps:
-                for batch in self.data.epoch(self.state.epoch, self.state.batch_in_epoch):
-                    stepped = self._train_micro_batch(batch)
-                    if self.state.batch_in_epoch % self.grad_accum_steps:
-                        continue
-                    self.state.step += 1
-                    self.progress.update(1)
-                    self._count_nonfinite(stepped is not False)
-                    if self.state.step % self.cfg.log_every == 0:
-                        self.log()
-                    self._call("on_step")
-                    if self.state.step % self.cfg.save_every == 0 and self.state.step < self.total_steps:
-                        self.save()
-                    if self.state.step >= self.total_steps:
-                        break
-                    if self._stop_requested(signals):
-                        raise self._preempt(signals)
-                else:
-                    self._end_epoch()
-            if self.state.batch_in_epoch >= self.data.batches_per_epoch:
-                self._end_epoch()
-        if self._micro_batches:
-            self.log()
-        self.save()
-        self._call("on_train_end")
-        self.progress.close()
-        self.accelerator.end_training()
+        try:
+            with StopSignals() as signals:
+                self._run_steps(signals)
+            if self._micro_batches:
+                self.log()
+            self.save()
+            self._call("on_train_end")
+        finally:
+            self.progress.close()
+            self.accelerator.end_training()
         return self.state
