@@ -147,9 +147,10 @@ class Snapshots:
         self.params[trainer.state.step] = torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_nonfinite_steps_are_skipped_and_counted_and_k_in_a_row_stop_the_run(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-device-skip"])
+def test_nonfinite_steps_are_skipped_and_counted_and_k_in_a_row_stop_the_run(tmp_path, fused):
     args = TINY[2:] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=10", "train.log_every=1",
-                       "train.max_nonfinite_steps=3"]
+                       "train.max_nonfinite_steps=3", f"optim.fused={str(fused).lower()}"]
     trainer = build_trainer(load_config(PretrainConfig, [TINY[1]], args))
     trainer.loss_fn = PoisonedLoss(trainer.loss_fn, nan_steps={2, 5, 6, 7}, inf_grad_steps={3})
     snapshots = Snapshots()
@@ -170,6 +171,23 @@ def test_nonfinite_steps_are_skipped_and_counted_and_k_in_a_row_stop_the_run(tmp
     assert [r["skipped_steps"] for r in records] == [0, 1, 2, 2, 3, 4, 5]
     assert [r["loss"] is None for r in records] == [False, True, False, False, True, True, True]
 
+
+
+def test_fused_optimizer_skips_on_the_device_and_a_recovered_run_of_k_still_stops_at_the_next_log(tmp_path):
+    args = TINY[2:] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=20", "train.log_every=5",
+                       "train.max_nonfinite_steps=3", "optim.fused=true"]
+    trainer = build_trainer(load_config(PretrainConfig, [TINY[1]], args))
+    trainer.loss_fn = PoisonedLoss(trainer.loss_fn, nan_steps={2, 6, 7}, inf_grad_steps={8})
+    snapshots = Snapshots()
+    trainer.callbacks.append(snapshots)
+    with pytest.raises(TrainingError, match="stopping at step 10: 3 steps in a row"):
+        trainer.fit()
+    params = snapshots.params
+    assert torch.equal(params[1], params[2]) and torch.equal(params[5], params[8]), "a skipped step changed weights"
+    assert not torch.equal(params[8], params[9]) and torch.isfinite(params[9]).all()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(5, 1), (10, 4)]
+    assert trainer.state.nonfinite_in_row == 0  # the run of 3 ended at step 8; steps 9 and 10 were good
 
 def test_retention_keeps_the_last_k_every_mth_and_latest_and_clears_leftovers(tmp_path):
     root = tmp_path / "checkpoints"

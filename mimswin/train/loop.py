@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple, Union
 
 import torch
 from accelerate import Accelerator
@@ -87,7 +87,10 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = torch.zeros((), device=accelerator.device)
         self._grad_norm_sum = torch.zeros((), device=accelerator.device)
-        self._micro_batches = self._good_steps = 0
+        self._good_steps = torch.zeros((), device=accelerator.device)
+        # device copy of the skip counters: [skipped in all, in a row now, longest run in a row since last read]
+        self._nonfinite = torch.zeros(3, dtype=torch.long, device=accelerator.device)
+        self._micro_batches = 0
         self._saved_step = -1
         self._images = 0
         self._clock = time.perf_counter()
@@ -101,6 +104,8 @@ class Trainer:
         each stateful callback."""
         saved = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
         self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+        counts = [self.state.skipped_steps, self.state.nonfinite_in_row, self.state.nonfinite_in_row]
+        self._nonfinite = torch.tensor(counts, device=self._nonfinite.device)
         for name, callback in self._stateful_callbacks().items():
             state = read_extra(path, name, saved)
             if state is None:
@@ -114,6 +119,7 @@ class Trainer:
         """Checkpoint the current step (once: a step already saved, e.g. just resumed, is not written again)."""
         if self._saved_step == self.state.step:
             return latest_checkpoint(self.run_dir.checkpoints) or self.run_dir.checkpoints
+        self._read_nonfinite()
         extra = {name: callback.state_dict() for name, callback in self._stateful_callbacks().items()}
         path = save_checkpoint(self.accelerator, self.run_dir.checkpoints, self.model, self.optimizer,
                                asdict(self.state), self.cfg.keep_last, self.meta, self.cfg.keep_every, extra)
@@ -126,7 +132,7 @@ class Trainer:
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
-    def _train_micro_batch(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Optional[bool]:
+    def _train_micro_batch(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Optional[Union[bool, torch.Tensor]]:
         """Forward/backward one micro-batch; at the last of an accumulation window also the guarded optimizer step,
         whose outcome (True: weights updated, False: skipped as non-finite) is returned, else None."""
         self.scheduler.step_update(self.state.step)
@@ -147,46 +153,68 @@ class Trainer:
         self.state.batch_in_epoch += 1
         return stepped
 
-    def _guarded_optimizer_step(self) -> bool:
+    def _guarded_optimizer_step(self) -> Union[bool, torch.Tensor]:
         """Clip (or only measure) the gradient norm; step unless it is non-finite, so a NaN never reaches the weights
-        or the optimizer moments. fp16: the GradScaler skips such steps itself (and lowers its scale)."""
+        or the optimizer moments. Returns whether the weights moved. A fused optimizer skips on the device (its
+        `found_inf`, as under a GradScaler) and the answer stays a device tensor: no host sync in the step. Others read
+        the norm on the host. fp16: the GradScaler skips such steps itself (and lowers its scale)."""
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip_grad or math.inf)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if self.accelerator.scaler is not None:
             self.optimizer.step()
             stepped = not self.optimizer.step_was_skipped
+        elif norm is not None and inner.defaults.get("fused"):
+            stepped = torch.isfinite(norm)
+            inner.found_inf = (~stepped).float()
+            self.optimizer.step()
         else:
-            stepped = norm is None or bool(torch.isfinite(norm))  # one host sync per optimizer step
+            stepped = norm is None or bool(torch.isfinite(norm))
             if stepped:
                 self.optimizer.step()
-        if stepped and norm is not None:
-            self._grad_norm_sum += norm.detach().float()
-            self._good_steps += 1
+        if norm is not None:
+            self._grad_norm_sum += torch.where(torch.as_tensor(stepped, device=norm.device), norm.detach().float(), 0.0)
+            self._good_steps += stepped
         return stepped
 
-    def _count_nonfinite(self, stepped: bool) -> None:
-        """Count skipped steps; stop with one clear line after `max_nonfinite_steps` in a row."""
-        if stepped:
-            self.state.nonfinite_in_row = 0
+    def _count_nonfinite(self, stepped: Union[bool, torch.Tensor]) -> None:
+        """Count a skipped step on the device. The counts are read (a host sync) at once when the outcome is on the
+        host already, else at log intervals; after `max_nonfinite_steps` in a row the run stops with one clear line
+        (on the device path at the first log interval after, the skipped steps in between changing nothing)."""
+        skipped = ~torch.as_tensor(stepped, device=self._nonfinite.device)
+        total, in_row, longest = self._nonfinite.unbind()
+        in_row = torch.where(skipped, in_row + 1, 0)
+        self._nonfinite = torch.stack([total + skipped, in_row, torch.maximum(longest, in_row)])
+        if isinstance(stepped, torch.Tensor) and self.state.step % self.cfg.log_every:
             return
-        self.state.skipped_steps += 1
-        self.state.nonfinite_in_row += 1
-        in_row, limit = self.state.nonfinite_in_row, self.cfg.max_nonfinite_steps
-        self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient, update skipped "
-                               f"({in_row} in a row, {self.state.skipped_steps} in all)")
-        if in_row >= limit:
+        longest = self._read_nonfinite()
+        self._nonfinite[2] = self.state.nonfinite_in_row
+        if longest >= self.cfg.max_nonfinite_steps:
             self.log()
             last = latest_checkpoint(self.run_dir.checkpoints)
             raise TrainingError(
-                f"stopping at step {self.state.step}: {in_row} steps in a row had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={limit}); last checkpoint: {last or 'none'}; try a lower optim.blr, "
-                "optim.clip_grad or train.mixed_precision=bf16")
+                f"stopping at step {self.state.step}: {longest} steps in a row had a non-finite "
+                f"loss or gradient (train.max_nonfinite_steps={self.cfg.max_nonfinite_steps}); last checkpoint: "
+                f"{last or 'none'}; try a lower optim.blr, optim.clip_grad or train.mixed_precision=bf16")
+
+    def _read_nonfinite(self) -> int:
+        """Copy the device counts of skipped steps into the state and print what is new; returns the longest run in a
+        row since the last check."""
+        total, in_row, longest = self._nonfinite.tolist()
+        if total > self.state.skipped_steps:
+            self.accelerator.print(f"step {self.state.step}: non-finite loss or gradient, "
+                                   f"{total - self.state.skipped_steps} update(s) skipped since the last check "
+                                   f"({in_row} in a row, {total} in all)")
+        self.state.skipped_steps, self.state.nonfinite_in_row = total, in_row
+        return longest
 
     def log(self, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """Mean loss over ranks and micro-batches since the last log, lr, images/s; to JSONL, trackers, progress bar."""
         loss_sum, loss_count = self.accelerator.reduce(torch.stack([self._loss_sum, self._loss_count]),
                                                        reduction="sum").tolist()
         mean_loss = loss_sum / loss_count if loss_count else math.nan
-        grad_norm = self._grad_norm_sum.item() / self._good_steps if self._good_steps else math.nan
+        self._read_nonfinite()
+        grad_sum, good_steps = torch.stack([self._grad_norm_sum, self._good_steps]).tolist()
+        grad_norm = grad_sum / good_steps if good_steps else math.nan
         elapsed = time.perf_counter() - self._clock
         record = {"step": self.state.step, "epoch": self.state.epoch, "loss": mean_loss, "lr": self.current_lr(),
                   "grad_norm": grad_norm, "skipped_steps": self.state.skipped_steps,
@@ -194,9 +222,9 @@ class Trainer:
         if hasattr(self.data, "skipped"):
             skipped = torch.tensor(float(self.data.skipped), device=self.accelerator.device)
             record["skipped"] = int(self.accelerator.reduce(skipped, reduction="sum").item())
-        for total in (self._loss_sum, self._loss_count, self._grad_norm_sum):
+        for total in (self._loss_sum, self._loss_count, self._grad_norm_sum, self._good_steps):
             total.zero_()
-        self._micro_batches = self._good_steps = self._images = 0
+        self._micro_batches = self._images = 0
         self._clock = time.perf_counter()
         self.history.append(record)
         self.run_dir.log_metrics(record)
@@ -249,7 +277,7 @@ class Trainer:
                     continue
                 self.state.step += 1
                 self.progress.update(1)
-                self._count_nonfinite(stepped is not False)
+                self._count_nonfinite(stepped)
                 if self.state.step % self.cfg.log_every == 0:
                     self.log()
                 self._call("on_step")
