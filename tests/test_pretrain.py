@@ -5,7 +5,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import TINY
+from conftest import TINY, loss_at_both_ends, pretrain_briefly
 
 from mimswin.export import load_exported_timm, read_export
 from mimswin.pretrain import cli, main
@@ -14,17 +14,11 @@ from mimswin.train.rundir import read_metrics
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("short") / "run"
-    trainer = main(TINY + [f"train.output_dir={run}", "train.max_steps=120", "train.log_every=1",
-                           "train.save_every=60", "train.vis_every=60"])
-    return trainer, run
+    return pretrain_briefly(tmp_path_factory, "short", TINY, 120, 60)
 
 
 def test_short_run_lowers_the_loss_clearly(short_run):
-    _, run = short_run
-    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
-    assert len(losses) == 120
-    first, last = sum(losses[:50]) / 50, sum(losses[-50:]) / 50
+    first, last = loss_at_both_ends(short_run[1], steps=120, window=50)
     assert last < 0.8 * first, (first, last)
 
 

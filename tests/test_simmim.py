@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import loss_at_both_ends, pretrain_briefly
 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError
 from mimswin.export import load_exported_timm
 from mimswin.masking import mask_from_hidden, unit_mask
 from mimswin.models import SimMIM, build_method
-from mimswin.pretrain import main
-from mimswin.train.rundir import read_metrics
 
 SWIN = ("tiny_simmim_swin_cpu", [])
 VIT = ("tiny_mae_vit_cpu", ["method=simmim", "mask.unit=8", "mask.ratio=0.6", "model.kwargs={depth: 2}"])
@@ -126,17 +125,11 @@ def test_default_mask_unit_is_32px_with_l1_loss():
 
 @pytest.fixture(scope="module")
 def simmim_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("simmim_swin") / "run"
-    trainer = main(["--config", "tiny_simmim_swin_cpu", *QUICK, f"train.output_dir={run}", "train.max_steps=30",
-                    "train.log_every=1", "train.save_every=30", "train.vis_every=30"])
-    return trainer, run
+    return pretrain_briefly(tmp_path_factory, "simmim_swin", ["--config", "tiny_simmim_swin_cpu", *QUICK], 30, 30)
 
 
 def test_short_simmim_run_lowers_the_loss(simmim_run):
-    _, run = simmim_run
-    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
-    assert len(losses) == 30
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    first, last = loss_at_both_ends(simmim_run[1], steps=30, window=10)
     assert last < 0.9 * first, (first, last)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from conftest import loss_at_both_ends, pretrain_briefly
 from timm.models.swin_transformer import window_partition
 from torch import nn
 
@@ -14,8 +15,6 @@ from mimswin.models import build_method
 from mimswin.models.decoders import MAEDecoder
 from mimswin.models.swin import HIDDEN_KEY_BIAS, VisibleSwin
 from mimswin.models.vit import timm_kwargs
-from mimswin.pretrain import main
-from mimswin.train.rundir import read_metrics
 
 # 3 stages (patch 2, 56 px: token grids 28, 14, 7) with window 7, shift 3: windows straddle the 8 px cells.
 STRADDLE = ["model.img_size=56", "model.patch_size=2",
@@ -153,17 +152,11 @@ def test_bad_sizes_and_models_are_one_clear_config_error(overrides, message):
 
 @pytest.fixture(scope="module")
 def mae_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("mae_swin") / "run"
-    trainer = main(["--config", "tiny_mae_swin_cpu", *QUICK, f"train.output_dir={run}", "train.max_steps=30",
-                    "train.log_every=1", "train.save_every=30", "train.vis_every=30"])
-    return trainer, run
+    return pretrain_briefly(tmp_path_factory, "mae_swin", ["--config", "tiny_mae_swin_cpu", *QUICK], 30, 30)
 
 
 def test_short_visible_only_run_lowers_the_loss(mae_run):
-    _, run = mae_run
-    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
-    assert len(losses) == 30
-    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    first, last = loss_at_both_ends(mae_run[1], steps=30, window=10)
     assert last < 0.9 * first, (first, last)
 
 
