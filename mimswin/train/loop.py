@@ -134,7 +134,8 @@ class Trainer:
 
     def _train_micro_batch(self, batch: Tuple[torch.Tensor, torch.Tensor]) -> Optional[Union[bool, torch.Tensor]]:
         """Forward/backward one micro-batch; at the last of an accumulation window also the guarded optimizer step,
-        whose outcome (True: weights updated, False: skipped as non-finite) is returned, else None."""
+        whose outcome (weights updated, or skipped as non-finite: a bool, or a device bool tensor where the optimizer
+        skipped on the device) is returned, else None."""
         self.scheduler.step_update(self.state.step)
         stepped = None
         with self.accelerator.accumulate(self.model):
