@@ -16,8 +16,8 @@ from mimswin.eval.common import EvaluateEachEpoch
 from mimswin.eval.config import ClassifierConfig
 from mimswin.eval.linprobe import FrozenEncoderProbe
 from mimswin.eval.metrics import evaluate, topk_correct
-from mimswin.eval.weights import build_classifier, read_encoder_weights
-from mimswin.export import read_export
+from mimswin.eval.weights import build_classifier, classifier_kwargs, read_encoder_weights
+from mimswin.export import export_encoder, read_export
 from mimswin.pretrain import main as pretrain
 from mimswin.train.loop import make_accelerator
 from mimswin.train.optim import build_optimizer, build_scheduler
@@ -185,6 +185,32 @@ def test_knn_program_classifies_separable_classes(pretrained, colours, tmp_path)
                         "knn.k=5", f"train.output_dir={tmp_path / 'knn'}", *FAST])
     assert results["knn_top1"] >= 90.0
     assert read_metrics(tmp_path / "knn/metrics.jsonl")[0]["knn_top1"] == results["knn_top1"]
+
+
+@pytest.fixture(scope="module")
+def swin_export(tmp_path_factory):
+    """An exported tiny 2-stage Swin (untrained): an encoder without a class token."""
+    kwargs = {"img_size": 32, "patch_size": 2, "embed_dim": 32, "depths": [2, 2], "num_heads": [2, 4],
+              "window_size": 4}
+    path = tmp_path_factory.mktemp("swin") / "encoder.safetensors"
+    name = "swin_tiny_patch4_window7_224"
+    export_encoder(timm.create_model(name, num_classes=0, **kwargs), path, name, kwargs)
+    return path
+
+
+def test_probe_pools_a_vit_class_token_and_averages_a_swin_which_has_none(pretrained, swin_export, colours, tmp_path,
+                                                                          capsys):
+    def pool(path):
+        return classifier_kwargs(read_encoder_weights(path), ClassifierConfig(global_pool=None), 3)["global_pool"]
+
+    assert pool(pretrained / "encoder.safetensors") == "token" and pool(swin_export) == "avg"
+    results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(swin_export), f"data.path={colours}",
+                             f"train.output_dir={tmp_path / 'lp'}", "train.max_steps=3", "knn.k=3", *FAST])
+    assert results["steps"] == 3 and results["last"]["val_count"] == 36 and "knn_top1" in results
+    code = linprobe.cli(["--config", "tiny_linprobe_cpu", "--from", str(swin_export), "model.global_pool=token",
+                         f"data.path={colours}", f"train.output_dir={tmp_path / 'lp2'}", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'model.global_pool'" in err and "has none" in err and "\n" not in err, err
 
 
 @pytest.mark.parametrize("program", [finetune, linprobe])

@@ -14,11 +14,13 @@ PROBE_MODES = ("mae", "cached")
 
 @dataclass
 class ClassifierConfig:
-    """The plain timm classifier around the encoder; name and sizes come from the checkpoint unless set here."""
+    """The plain timm classifier around the encoder; name and sizes come from the checkpoint unless set here.
+    `global_pool`: avg (+ fc_norm for ViT) or token (the class token); null = token where the encoder has one, else
+    avg (the linear probe's default: MAE probes the class token, a Swin has none)."""
 
     name: Optional[str] = None
     img_size: Optional[int] = None
-    global_pool: str = "avg"
+    global_pool: Optional[str] = "avg"
     drop_path_rate: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -62,7 +64,7 @@ class LinprobeConfig:
     checkpoint: Optional[str] = None
     random_init: bool = False
     mode: str = "mae"
-    model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool="token"))
+    model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool=None))
     data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=0.1, weight_decay=0.0, warmup_epochs=10.0))
@@ -80,7 +82,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
     """Checks specific to evaluation (the shared sections are validated by `load_config`)."""
     pool = cfg.model.global_pool
-    _check(pool in POOLS, "model.global_pool", f"must be one of {POOLS}, got '{pool}'")
+    _check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
     _check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
     if isinstance(cfg, FinetuneConfig):
         _check(0 < cfg.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {cfg.layer_decay}")

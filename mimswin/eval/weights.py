@@ -107,7 +107,12 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
 
 def classifier_kwargs(source: EncoderWeights, cfg: ClassifierConfig, num_classes: int) -> Dict[str, Any]:
     """timm kwargs of the classifier: the encoder's own, then the eval config's size, pooling and drop path."""
-    kwargs = {**source.timm_kwargs, "num_classes": num_classes, "global_pool": cfg.global_pool,
+    has_token = "cls_token" in source.weights
+    pool = cfg.global_pool or ("token" if has_token else "avg")
+    if pool == "token" and not has_token:
+        raise ConfigError(f"config key 'model.global_pool': token pooling needs a class token and {source.timm_name} "
+                          "has none; use avg, or leave it unset (null) to pool the class token where there is one")
+    kwargs = {**source.timm_kwargs, "num_classes": num_classes, "global_pool": pool,
               "drop_path_rate": cfg.drop_path_rate, **cfg.kwargs}
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
