@@ -15,6 +15,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import multiprocessing
 import statistics
 import sys
 import threading
@@ -340,25 +341,76 @@ def train_step(run: Contender, images: torch.Tensor, device: torch.device, preci
     return time.perf_counter() - start, time.process_time() - cpu_start, loss.detach()
 
 
-def prepare_trial(name: str, setup: Setup, images: torch.Tensor, device: torch.device, precision: str, warmup: int,
-                  grad_checkpointing: bool = False, compile_model: bool = False) -> Trial:
-    """Build a contender, count its FLOPs, switch on the flags and run the warm-up steps (whose peak memory counts).
+def bench_images(setup: Setup, device: torch.device) -> torch.Tensor:
+    """The one fixed batch of random images every row trains on."""
+    return torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device,
+                       generator=torch.Generator(device=device).manual_seed(0))
+
+
+def build_and_warm_up(name: str, setup: Setup, images: torch.Tensor, device: torch.device, precision: str,
+                      warmup: int, grad_checkpointing: bool, compile_model: bool) -> tuple:
+    """Build a contender, count its FLOPs, switch on the flags and run the warm-up steps; returns (run, FLOPs).
 
     FLOPs are counted before checkpointing/compile are switched on: model FLOPs, not recomputed ones."""
-    release_memory(device)
     torch.manual_seed(0)
-    with PeakMemory(device) as memory:
-        run = BUILDERS[name](setup, device)
-        run.model.train()
-        flops = count_step_flops(run.loss_fn, images, device, precision)
-        run.optimizer.zero_grad(set_to_none=True)
-        if grad_checkpointing:
-            run.enable_checkpointing()
-        if compile_model:
-            run.model.compile()
-        for _ in range(max(1, warmup)):
-            train_step(run, images, device, precision)
-    return Trial(name, run, flops, memory.peak_mb)
+    run = BUILDERS[name](setup, device)
+    run.model.train()
+    flops = count_step_flops(run.loss_fn, images, device, precision)
+    run.optimizer.zero_grad(set_to_none=True)
+    if grad_checkpointing:
+        run.enable_checkpointing()
+    if compile_model:
+        run.model.compile()
+    for _ in range(max(1, warmup)):
+        train_step(run, images, device, precision)
+    return run, flops
+
+
+# Modules a row imports on first build, imported before its memory is measured: library code is not the row's memory.
+ROW_IMPORTS = {"hf-vitmae": "transformers.models.vit_mae.modeling_vit_mae",
+               "hf-swin-simmim": "transformers.models.swin.modeling_swin"}
+
+
+def _cpu_peak_child(queue: Any, threads: int, name: str, setup: Dict[str, Any], *flags: Any) -> None:
+    torch.set_num_threads(threads)
+    if name in ROW_IMPORTS:
+        importlib.import_module(ROW_IMPORTS[name])
+    cpu = torch.device("cpu")
+    images = bench_images(Setup(**setup), cpu)
+    with PeakMemory(cpu) as memory:
+        build_and_warm_up(name, Setup(**setup), images, cpu, *flags)
+    queue.put(memory.peak_mb)
+
+
+def isolated_cpu_peak_mb(name: str, setup: Setup, precision: str, warmup: int, grad_checkpointing: bool,
+                         compile_model: bool) -> float:
+    """A row's CPU peak memory (RSS rise while building it and running its warm-up steps) measured in a fresh process:
+    in the benchmark's own process rows would reuse pages freed by earlier rows and the peaks would not compare."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_cpu_peak_child, args=(queue, torch.get_num_threads(), name, asdict(setup),
+                                                          precision, warmup, grad_checkpointing, compile_model))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the memory measurement of row '{name}' failed (exit code {child.exitcode})")
+    return queue.get(timeout=10)
+
+
+def prepare_trial(name: str, setup: Setup, images: torch.Tensor, device: torch.device, precision: str, warmup: int,
+                  grad_checkpointing: bool = False, compile_model: bool = False) -> Trial:
+    """A contender built and warmed up in this process, with its peak memory: the CUDA allocator's here, or on CPU
+    that of the same build and warm-up in a process of its own."""
+    flags = (precision, warmup, grad_checkpointing, compile_model)
+    if device.type == "cpu":
+        peak_mb = isolated_cpu_peak_mb(name, setup, *flags)
+        run, flops = build_and_warm_up(name, setup, images, device, *flags)
+    else:
+        release_memory(device)
+        with PeakMemory(device) as memory:
+            run, flops = build_and_warm_up(name, setup, images, device, *flags)
+        peak_mb = memory.peak_mb
+    return Trial(name, run, flops, peak_mb)
 
 
 def measure_models(names: Sequence[str], setup: Setup, device: torch.device, precision: str, steps: int,
@@ -368,8 +420,7 @@ def measure_models(names: Sequence[str], setup: Setup, device: torch.device, pre
 
     On CPU, `mfu_cpu_time` divides by the step's CPU time per thread instead of wall time: the MFU the step would
     reach with the cores to itself (spinning threads count as busy, so it errs low)."""
-    images = torch.randn(setup.batch, 3, setup.img_size, setup.img_size, device=device,
-                         generator=torch.Generator(device=device).manual_seed(0))
+    images = bench_images(setup, device)
     trials = [prepare_trial(name, setup, images, device, precision, warmup, grad_checkpointing, compile_model)
               for name in names]
     ceiling = gemm_ceiling(device, precision)
