@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -11,6 +12,7 @@ from conftest import TINY
 from PIL import Image
 
 from mimswin.config import OptimConfig, TrainConfig
+from mimswin.data.shards import write_shards
 from mimswin.eval import finetune, knn, linprobe
 from mimswin.eval.common import EvaluateEachEpoch
 from mimswin.eval.config import ClassifierConfig
@@ -211,6 +213,47 @@ def test_probe_pools_a_vit_class_token_and_averages_a_swin_which_has_none(pretra
                          f"data.path={colours}", f"train.output_dir={tmp_path / 'lp2'}", *FAST])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "'model.global_pool'" in err and "has none" in err and "\n" not in err, err
+
+
+@pytest.fixture(scope="module")
+def colour_shards(colours, tmp_path_factory):
+    """The colour folder written as labeled shards: train-*.tar (4 shards) and val-*.tar, with classes.json."""
+    out = tmp_path_factory.mktemp("colour_shards")
+    write_shards(str(colours / "train"), out, maxcount=20, prefix="train", progress=False)
+    write_shards(str(colours / "val"), out, maxcount=20, prefix="val", progress=False)
+    return out
+
+
+def shard_splits(folder, train="train-{000000..000003}.tar", val="val-{000000..000001}.tar"):
+    return [f"data.shards={folder / train}", f"data.val_shards={folder / val}"]
+
+
+def test_cached_probe_and_knn_on_labeled_shards_reach_high_accuracy(pretrained, colour_shards, tmp_path):
+    results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained / "encoder.safetensors"),
+                             *shard_splits(colour_shards), f"train.output_dir={tmp_path / 'lp'}", "train.epochs=6",
+                             "knn.k=5",
+                             *FAST])
+    assert results["last"]["val_count"] == 36
+    assert results["best"]["top1"] >= 90.0 and results["knn_top1"] >= 90.0
+
+
+def test_finetune_streams_labeled_shards_and_evaluates_every_val_sample(pretrained, colour_shards, tmp_path):
+    results = finetune.main(["--config", "tiny_finetune_cpu", "--from", str(pretrained), *shard_splits(colour_shards),
+                             f"train.output_dir={tmp_path / 'ft'}", "train.max_steps=3", *FAST])
+    assert results["steps"] == 3 and results["last"]["val_count"] == 36
+
+
+def test_labeled_shards_need_both_splits_and_their_classes(pretrained, colour_shards, tmp_path, capsys):
+    bare = tmp_path / "bare"  # shards without the classes.json of the writer
+    bare.mkdir()
+    shutil.copy(colour_shards / "train-000000.tar", bare)
+    cases = [(shard_splits(colour_shards)[:1], "data.val_shards"),
+             (shard_splits(bare, "train-000000.tar", "train-000000.tar"), "classes.json")]
+    for extra, message in cases:
+        code = finetune.cli(["--config", "tiny_finetune_cpu", "--from", str(pretrained), *extra,
+                             f"train.output_dir={tmp_path / 'out'}", *FAST])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and "\n" not in err, err
 
 
 @pytest.mark.parametrize("program", [finetune, linprobe])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from mimswin.data.build import EpochLoader
 from mimswin.data.sampler import ResumableDistributedSampler
-from mimswin.data.shard_reader import build_shard_loader, read_shard
+from mimswin.data.shard_reader import build_shard_loader, decode_sample, read_shard
 from mimswin.data.shards import cli as shards_cli
 from mimswin.data.sources import ImageFolder, to_rgb
 from mimswin.data.transforms import eval_transform, pretrain_transform
@@ -213,3 +213,15 @@ def test_pipe_urls_stream_the_same_samples_as_local_files(tmp_path):
         assert torch.equal(la, lb) and torch.equal(a, b)
     with pytest.raises(DataError, match="sample counts unknown"):
         build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU)
+
+
+def test_labeled_reading_skips_a_sample_without_a_class_and_says_why():
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    sample = {"__key__": "a", "png": buffer.getvalue()}
+    transform = eval_transform(8, [0.5] * 3, [0.5] * 3)
+    assert decode_sample(sample, transform, 0, labeled=True) == (None, "no label")
+    item, reason = decode_sample(sample, transform, 0)
+    assert item[1] == -1 and reason == ""
+    labeled, _ = decode_sample({**sample, "cls": b"2"}, transform, 0, labeled=True)
+    assert labeled[1] == 2

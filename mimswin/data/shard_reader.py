@@ -34,7 +34,8 @@ from mimswin.train.preemption import ignore_stop_signals
 log = logging.getLogger(__name__)
 SIZES_FILE = "sizes.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
-REASONS = ("unreadable image", "no image", "bad label", "unreadable shard")
+REASONS = ("unreadable image", "no image", "bad label", "no label", "unreadable shard")
+CLASSES_FILE = "classes.json"
 Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -93,6 +94,32 @@ def shard_sizes(urls: Sequence[str], sizes_file: Optional[str] = None) -> List[O
     return [table.get(shard_name(u), count_samples(u) if is_local(u) else None) for u in urls]
 
 
+def shard_classes(urls: Sequence[str], sizes_file: Optional[str] = None) -> List[str]:
+    """Class names of labeled shards: the classes.json `mimswin shards` writes beside them (beside `data.shard_sizes`
+    for remote shards), the entry of the shards' name prefix (`train` for train-000000.tar)."""
+    if sizes_file:
+        path = Path(sizes_file).expanduser().parent / CLASSES_FILE
+    elif is_local(urls[0]):
+        path = Path(urls[0]).parent / CLASSES_FILE
+    else:
+        raise DataError(f"data.shards: remote labeled shards need their {CLASSES_FILE}: put it beside the sizes.json "
+                        "named by data.shard_sizes")
+    if not path.is_file():
+        raise DataError(f"data.shards: no '{path}'; labeled shards are written by `mimswin shards SRC OUT` from class "
+                        "subfolders or the embedded set")
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.shards: cannot read '{path}' ({err})") from None
+    prefix = shard_name(urls[0]).rsplit("-", 1)[0]
+    classes = None
+    if isinstance(table, dict):
+        classes = table.get(prefix, next(iter(table.values())) if len(table) == 1 else None)
+    if not isinstance(classes, list) or not classes:
+        raise DataError(f"data.shards: '{path}' names no classes for the shards '{prefix}-*'")
+    return [str(name) for name in classes]
+
+
 def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict]:
     """Raw samples (extension -> bytes, plus __key__) of one shard; a read error ends the shard and is reported."""
     try:
@@ -102,12 +129,16 @@ def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator
         on_error(url, err)
 
 
-def decode_sample(sample: dict, transform: Callable, seed: int) -> Tuple[Optional[Tuple[torch.Tensor, int]], str]:
-    """(image tensor, label) or (None, reason); the transform runs under the sample's own seed."""
+def decode_sample(sample: dict, transform: Callable, seed: int,
+                  labeled: bool = False) -> Tuple[Optional[Tuple[torch.Tensor, int]], str]:
+    """(image tensor, label; -1 without a `cls`) or (None, reason); the transform runs under the sample's own seed.
+    `labeled`: a sample without a `cls` is skipped ("no label"), as evaluation needs one."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         return None, "no image"
     label = -1
+    if labeled and "cls" not in sample:
+        return None, "no label"
     if "cls" in sample:
         try:
             label = int(sample["cls"].decode().strip())
@@ -139,6 +170,7 @@ class ShardPlan:
     resampled: bool = False
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 0
+    labeled: bool = False
 
     def shard_order(self, epoch: int, slot: int) -> Iterator[int]:
         """Shard indices this slot reads in `epoch`: its deal of the seeded shuffle (cycled when training) or draws."""
@@ -265,7 +297,7 @@ class ShardBatches(IterableDataset):
             for i, sample in enumerate(raw):
                 seed = sample_seed(plan.seed, epoch, (plan.rank * max(1, plan.batches_per_epoch) + batch_number)
                                    * size + i)
-                item, reason = decode_sample(sample, self.transform, seed)
+                item, reason = decode_sample(sample, self.transform, seed, plan.labeled)
                 if item is None:
                     counts[reason] += 1
                     log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
@@ -320,14 +352,16 @@ class ShardLoader:
 def build_shard_loader(spec: str, transform: Callable, batch_size: int, num_workers: int, num_replicas: int,
                        rank: int, seed: int, device: torch.device, *, train: bool = True, resampled: bool = False,
                        shuffle_buffer: int = 1000, sizes_file: Optional[str] = None,
-                       samples_per_epoch: Optional[int] = None, batch_multiple: int = 1) -> ShardLoader:
+                       samples_per_epoch: Optional[int] = None, batch_multiple: int = 1,
+                       labeled: bool = False) -> ShardLoader:
     """A loader over `spec`. train: shuffled, equal batch count on every rank, resumable. Else one ordered pass over
-    every sample exactly once across ranks and workers (the last batch may be short), for evaluation."""
+    every sample exactly once across ranks and workers (the last batch may be short), for evaluation. `labeled`: skip
+    and count samples without a class."""
     urls = expand_shards(spec)
     sizes = shard_sizes(urls, sizes_file)
     slots = max(1, num_workers)
     plan = ShardPlan(urls, sizes, batch_size, num_replicas, rank, slots, seed, train, resampled and train,
-                     shuffle_buffer)
+                     shuffle_buffer, labeled=labeled)
     known = None if None in sizes else sum(s for s in sizes if s is not None)
     if train:
         total = samples_per_epoch or known

@@ -21,11 +21,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mimswin.data.shard_reader import SIZES_FILE
+from mimswin.data.shard_reader import CLASSES_FILE, SIZES_FILE
 from mimswin.data.sources import EmbeddedMNIST, scan_folder, to_rgb
 from mimswin.errors import DataError, MimswinError
 
-CLASSES_FILE = "classes.json"
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 EMBEDDED = "embedded"
 

@@ -45,11 +45,19 @@ class KnnConfig:
 
 
 @dataclass
+class LabeledDataConfig(DataConfig):
+    """Pretraining's data section; labeled webdataset shards give the train split in `shards` and the validation split
+    in `val_shards` (class names from the classes.json `mimswin shards` writes beside them)."""
+
+    val_shards: Optional[str] = None
+
+
+@dataclass
 class FinetuneConfig:
     checkpoint: Optional[str] = None
     random_init: bool = False
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(drop_path_rate=0.1))
-    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
+    data: LabeledDataConfig = field(default_factory=lambda: LabeledDataConfig(crop_scale=[0.08, 1.0]))
     aug: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=5e-4, min_lr=1e-6, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=5.0))
@@ -65,7 +73,7 @@ class LinprobeConfig:
     random_init: bool = False
     mode: str = "mae"
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool=None))
-    data: DataConfig = field(default_factory=lambda: DataConfig(crop_scale=[0.08, 1.0]))
+    data: LabeledDataConfig = field(default_factory=lambda: LabeledDataConfig(crop_scale=[0.08, 1.0]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=0.1, weight_decay=0.0, warmup_epochs=10.0))
     momentum: float = 0.9
@@ -84,6 +92,8 @@ def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
     pool = cfg.model.global_pool
     _check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
     _check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
+    _check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
+           "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
     if isinstance(cfg, FinetuneConfig):
         _check(0 < cfg.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {cfg.layer_decay}")
         _check(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {cfg.ema_decay}")

@@ -2,13 +2,14 @@
 
 - no path: the embedded MNIST-5k with its fixed seeded train/val split;
 - a folder with `train/` and `val/` subfolders, each holding one subfolder per class;
-- webdataset shards (`*.tar` or a brace pattern) plug in here once `mimswin.data.shards` reads labeled shards.
+- labeled webdataset shards: `data.shards` (train) and `data.val_shards` (validation), streamed for training and read
+  once, each sample on one rank, for evaluation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Iterable, List, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -16,8 +17,34 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from mimswin.config import DataConfig
 from mimswin.data.build import EpochLoader
 from mimswin.data.sampler import ResumableDistributedSampler
+from mimswin.data.shard_reader import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_skipping_none
 from mimswin.errors import DataError
+from mimswin.eval.config import LabeledDataConfig
+
+
+class LabeledShards:
+    """One split of labeled webdataset shards where the programs take a map-style dataset: shuffled and streamed for
+    training, read once for evaluation; samples without a class are skipped and counted."""
+
+    def __init__(self, spec: str, transform: Callable, cfg: DataConfig) -> None:
+        self.spec, self.transform, self.cfg = spec, transform, cfg
+        self.classes = shard_classes(expand_shards(spec), cfg.shard_sizes)
+
+    def __len__(self) -> int:
+        """Samples in the split, as far as sizes.json or the local shards tell."""
+        return sum(size or 0 for size in shard_sizes(expand_shards(self.spec), self.cfg.shard_sizes))
+
+    def loader(self, batch_size: int, num_workers: int, num_replicas: int, rank: int, seed: int,
+               device: torch.device, train: bool, batch_multiple: int = 1) -> ShardLoader:
+        cfg = self.cfg
+        return build_shard_loader(self.spec, self.transform, batch_size, num_workers, num_replicas, rank, seed, device,
+                                  train=train, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
+                                  sizes_file=cfg.shard_sizes, samples_per_epoch=cfg.samples_per_epoch,
+                                  batch_multiple=batch_multiple, labeled=True)
+
+
+LabeledData = Union[Dataset, LabeledShards]
 
 
 def is_shard_spec(path: str) -> bool:
@@ -25,14 +52,17 @@ def is_shard_spec(path: str) -> bool:
     return path.endswith(".tar") or "{" in path or "::" in path
 
 
-def labeled_source(cfg: DataConfig, split: str, transform: Callable) -> Tuple[Dataset, List[str]]:
+def labeled_source(cfg: LabeledDataConfig, split: str, transform: Callable) -> Tuple[LabeledData, List[str]]:
     """The labeled split ('train' or 'val') of the configured source, and its class names."""
+    if cfg.shards is not None:
+        shards = LabeledShards(cfg.shards if split == "train" else cfg.val_shards, transform, cfg)
+        return shards, shards.classes
     if cfg.path is None:
         dataset = EmbeddedMNIST(split, transform)
         return dataset, dataset.classes
     if is_shard_spec(cfg.path):
-        raise DataError(f"data.path '{cfg.path}': evaluation on webdataset shards needs a labeled shard reader "
-                        "(mimswin.data.shards), not available in this version; use an image folder")
+        raise DataError(f"data.path '{cfg.path}' names webdataset shards: pass labeled shards as data.shards (train) "
+                        "and data.val_shards (validation)")
     root = Path(cfg.path).expanduser() / split
     if not root.is_dir():
         raise DataError(f"data.path: '{root}' is not a directory; labeled data needs train/ and val/ subfolders, "
@@ -43,30 +73,38 @@ def labeled_source(cfg: DataConfig, split: str, transform: Callable) -> Tuple[Da
     return dataset, dataset.classes
 
 
-def labeled_pair(cfg: DataConfig, train_transform: Callable, val_transform: Callable
-                 ) -> Tuple[Dataset, Dataset, int]:
+def labeled_pair(cfg: LabeledDataConfig, train_transform: Callable, val_transform: Callable
+                 ) -> Tuple[LabeledData, LabeledData, int]:
     """(train, val, number of classes); the two splits must name the same classes."""
     train, classes = labeled_source(cfg, "train", train_transform)
     val, val_classes = labeled_source(cfg, "val", val_transform)
     if val_classes != classes:
-        raise DataError(f"data.path: train and val class folders differ ({len(classes)} vs {len(val_classes)} "
+        raise DataError(f"data: the train and val splits name different classes ({len(classes)} vs {len(val_classes)} "
                         "classes, or different names)")
     return train, val, len(classes)
 
 
-def train_loader(dataset: Dataset, cfg: DataConfig, num_replicas: int, rank: int, seed: int,
-                 device: torch.device, batch_multiple: int = 1, num_workers: int | None = None) -> EpochLoader:
-    """The resumable per-rank loader of the loop core over a labeled dataset."""
+def train_loader(dataset: LabeledData, cfg: DataConfig, num_replicas: int, rank: int, seed: int,
+                 device: torch.device, batch_multiple: int = 1,
+                 num_workers: int | None = None) -> Union[EpochLoader, ShardLoader]:
+    """The resumable per-rank loader of the loop core over a labeled dataset or labeled shards."""
+    workers = cfg.num_workers if num_workers is None else num_workers
+    if isinstance(dataset, LabeledShards):
+        return dataset.loader(cfg.batch_size, workers, num_replicas, rank, seed, device, True, batch_multiple)
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas, rank, seed,
                                           batch_multiple=batch_multiple)
     if sampler.batches_per_epoch == 0:
         raise DataError(f"data: {len(dataset)} training samples cannot fill one batch of {cfg.batch_size} x "
                         f"{num_replicas} process(es) x {batch_multiple} accumulation step(s)")
-    return EpochLoader(dataset, sampler, cfg.num_workers if num_workers is None else num_workers, device)
+    return EpochLoader(dataset, sampler, workers, device)
 
 
-def rank_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int, world: int) -> DataLoader:
-    """In order, this rank's share (indices rank, rank + world, ...) of a dataset, every sample once overall."""
+def rank_loader(dataset: LabeledData, batch_size: int, num_workers: int, rank: int,
+                world: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """In order, this rank's share (indices rank, rank + world, ...; for shards, its shards) of the data, every sample
+    once overall."""
+    if isinstance(dataset, LabeledShards):
+        return dataset.loader(batch_size, num_workers, world, rank, 0, torch.device("cpu"), False).epoch(0)
     subset = Subset(dataset, range(rank, len(dataset), world))
     return DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                       collate_fn=collate_skipping_none)
