@@ -200,6 +200,17 @@ def swin_export(tmp_path_factory):
     return path
 
 
+def test_a_larger_swin_image_and_window_resample_the_relative_position_tables(swin_export):
+    weights = read_encoder_weights(swin_export)
+    model, _, _, report = build_classifier(weights, ClassifierConfig(img_size=64, kwargs={"window_size": 8}), 3)
+    table = model.layers[0].blocks[0].attn.relative_position_bias_table
+    exported = weights.weights["layers.0.blocks.0.attn.relative_position_bias_table"]
+    assert exported.shape[0] == (2 * 4 - 1) ** 2 and table.shape[0] == (2 * 8 - 1) ** 2
+    assert sorted(report.missing) == ["head.fc.bias", "head.fc.weight"] and report.unexpected == []
+    torch.testing.assert_close(model.layers[1].blocks[0].attn.qkv.weight,
+                               weights.weights["layers.1.blocks.0.attn.qkv.weight"])
+
+
 def test_probe_pools_a_vit_class_token_and_averages_a_swin_which_has_none(pretrained, swin_export, colours, tmp_path,
                                                                           capsys):
     def pool(path):
