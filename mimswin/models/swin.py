@@ -159,29 +159,39 @@ class VisibleSwin(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
+    def window_layouts(self, keep: torch.Tensor) -> Dict[Tuple, WindowLayout]:
+        """The layout of every (stage, window size, shift) for the cells in `keep`, all built before any block runs:
+        on a GPU their few host syncs (`torch.unique`) then wait only for the mask, not for encoder work."""
+        rows, cols = keep // self.grid[1], keep % self.grid[1]
+        tile, layouts = 2 ** num_merges(self.model), {}
+        for index, stage in enumerate(self.model.layers):
+            if not isinstance(stage.downsample, nn.Identity):
+                tile //= 2
+            for block in stage.blocks:
+                key = (index, block.window_size, block.shift_size)
+                if key not in layouts:
+                    layouts[key] = window_layout(block, rows, cols, tile)
+        return layouts
+
     def forward_masked(self, images: torch.Tensor, keep: torch.Tensor) -> EncoderOutput:
         """Encode only the cells listed in `keep` [B, L] (final-grid indices); tokens stay in the order of `keep`.
         Honours timm's `set_grad_checkpointing()` per stage, like timm's own forward."""
         swin, (batch, length) = self.model, keep.shape
+        layouts = self.window_layouts(keep)
         tile = 2 ** num_merges(swin)
         x = rearrange(swin.patch_embed(images), "b (h t1) (w t2) c -> b (h w) t1 t2 c", t1=tile, t2=tile)
         x = torch.gather(x, 1, keep.view(batch, length, 1, 1, 1).expand(-1, -1, *x.shape[2:]))
-        rows, cols = keep // self.grid[1], keep % self.grid[1]
-        for stage in swin.layers:
+        for index, stage in enumerate(swin.layers):
             if not isinstance(stage.downsample, nn.Identity):
                 x = stage.downsample(x.flatten(0, 1)).unflatten(0, (batch, length))
-                tile //= 2
             shape = x.shape
-            layouts: Dict[Tuple, WindowLayout] = {}
             x = x.reshape(batch, -1, shape[-1])
             for block in stage.blocks:
-                key = (block.window_size, block.shift_size)
-                if key not in layouts:
-                    layouts[key] = window_layout(block, rows, cols, tile)
+                layout = layouts[index, block.window_size, block.shift_size]
                 if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(visible_block, block, x, layouts[key], use_reentrant=False)
+                    x = checkpoint(visible_block, block, x, layout, use_reentrant=False)
                 else:
-                    x = visible_block(block, x, layouts[key])
+                    x = visible_block(block, x, layout)
             x = x.view(shape)
         tokens = swin.norm(x.reshape(batch, length, -1))
         return EncoderOutput(tokens=tokens, positions=keep, prefix=tokens.new_zeros(batch, 0, tokens.shape[-1]))
