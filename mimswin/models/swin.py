@@ -10,7 +10,7 @@ cell visible this is exactly timm's forward (see docs/swin.md).
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -71,14 +71,19 @@ def swin_forward_with_mask_token(model: SwinTransformer, images: torch.Tensor, h
 
 
 class WindowLayout(NamedTuple):
-    """Where each visible token sits among the occupied windows of one block geometry."""
+    """Where each visible token sits among the occupied windows of one block geometry. Packed (`pairs` given): the
+    n_w visible tokens of window w fill its first n_w of L = max n_w slots; else each token sits at its true slot."""
 
-    scatter: torch.Tensor  # [B * N]: slot of each visible token among the W * area slots of the occupied windows
-    bias: torch.Tensor  # [W, area, area]: empty-slot key mask plus timm's shifted-window region mask
+    scatter: torch.Tensor  # [B * N]: slot of each visible token among the W * L slots of the occupied windows
+    bias: torch.Tensor  # [W, L, L]: empty-slot key mask plus timm's shifted-window region mask at the true positions
+    pairs: Optional[torch.Tensor]  # [W, L, L] if packed: true (query, key) positions, flat index into area * area
 
 
 def window_layout(block: SwinTransformerBlock, rows: torch.Tensor, cols: torch.Tensor, tile: int) -> WindowLayout:
-    """Layout of the visible tokens of cells at (`rows`, `cols`) [B, L], each a `tile` x `tile` token square."""
+    """Layout of the visible tokens of cells at (`rows`, `cols`) [B, L], each a `tile` x `tile` token square.
+
+    Packing pays for a relative-position bias gathered per (query, key) pair in every block; it is used where it at
+    least halves the slot pairs of a window (at mask 0.75 for Swin-T: stages 3 and 4, not the busier early stages)."""
     height, width = block.input_resolution
     (win_h, win_w), (shift_h, shift_w) = block.window_size, block.shift_size
     area, windows_per_row = win_h * win_w, width // win_w
@@ -89,27 +94,43 @@ def window_layout(block: SwinTransformerBlock, rows: torch.Tensor, cols: torch.T
     window = (r // win_h) * windows_per_row + c // win_w
     batch_index = torch.arange(rows.shape[0], device=rows.device).view(-1, 1, 1, 1)
     window_ids, compact = torch.unique((batch_index * windows_per_image + window).flatten(), return_inverse=True)
-    scatter = compact * area + ((r % win_h) * win_w + c % win_w).flatten()
-    occupied = torch.zeros(window_ids.numel() * area, dtype=torch.bool, device=rows.device)
-    occupied[scatter] = True
-    empty = ~occupied.view(-1, 1, area)
-    bias = torch.zeros(empty.shape, device=rows.device).masked_fill(empty, HIDDEN_KEY_BIAS).expand(-1, area, -1)
+    position = ((r % win_h) * win_w + c % win_w).flatten()
+    counts = torch.bincount(compact, minlength=window_ids.numel())
+    length = int(counts.max())  # a host sync, like torch.unique's
+    packed = 2 * length * length <= area * area
+    if packed:
+        order = torch.argsort(compact, stable=True)  # tokens grouped by window; rank: place within its window
+        rank = torch.arange(order.numel(), device=rows.device) - (counts.cumsum(0) - counts)[compact[order]]
+        scatter = torch.empty_like(order).index_put_((order,), compact[order] * length + rank)
+    else:
+        length, scatter = area, compact * area + position
+    slots = window_ids.numel() * length
+    filled = torch.zeros(slots, dtype=torch.bool, device=rows.device).index_fill_(0, scatter, True)
+    true_slot = position.new_zeros(slots).index_copy(0, scatter, position).view(-1, length)  # empty slots: 0
+    pairs = true_slot[:, :, None] * area + true_slot[:, None, :]
+    bias = torch.zeros(pairs.shape, device=rows.device).masked_fill(~filled.view(-1, 1, length), HIDDEN_KEY_BIAS)
     if block.attn_mask is not None:
-        bias = bias + block.attn_mask[window_ids % windows_per_image]
-    return WindowLayout(scatter=scatter, bias=bias)
+        region = block.attn_mask[window_ids % windows_per_image].flatten(1)
+        bias = bias + region.gather(1, pairs.flatten(1)).view_as(bias)
+    return WindowLayout(scatter=scatter, bias=bias, pairs=pairs if packed else None)
 
 
 def visible_window_attention(attn: WindowAttention, x: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
     """timm's WindowAttention with its own weights, the projections computed for visible tokens x [T, C] only.
 
     q, k, v are placed at their window slots (empty slots are zero and masked as keys), so only the small
-    slot-by-slot products pay for the hidden part of an occupied window.
+    slot-by-slot products pay for the empty part of an occupied window; packed windows have few empty slots.
     """
     qkv = attn.qkv(x)
-    slots = qkv.new_zeros(layout.bias.shape[0] * attn.window_area, qkv.shape[-1]).index_copy(0, layout.scatter, qkv)
+    windows, length = layout.bias.shape[:2]
+    slots = qkv.new_zeros(windows * length, qkv.shape[-1]).index_copy(0, layout.scatter, qkv)
     head_dim = qkv.shape[-1] // (3 * attn.num_heads)
-    q, k, v = slots.view(-1, attn.window_area, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = (attn._get_rel_pos_bias() + layout.bias.unsqueeze(1)).to(q.dtype)
+    q, k, v = slots.view(-1, length, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    relative = attn._get_rel_pos_bias()  # [1, heads, area, area]
+    if layout.pairs is not None:  # torch.gather: on CPU its backward is far faster than advanced indexing's
+        relative = relative.flatten(2)[0].t().gather(0, layout.pairs.view(-1, 1).expand(-1, attn.num_heads))
+        relative = relative.view(*layout.pairs.shape, -1).permute(0, 3, 1, 2)
+    bias = (relative + layout.bias.unsqueeze(1)).to(q.dtype)
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                              dropout_p=attn.attn_drop.p if attn.training else 0.0)
