@@ -375,10 +375,10 @@ def _cpu_peak_child(queue: Any, threads: int, name: str, setup: Dict[str, Any], 
     torch.set_num_threads(threads)
     if name in ROW_IMPORTS:
         importlib.import_module(ROW_IMPORTS[name])
-    cpu = torch.device("cpu")
-    images = bench_images(Setup(**setup), cpu)
+    cpu, row_setup = torch.device("cpu"), Setup(**setup)
+    images = bench_images(row_setup, cpu)
     with PeakMemory(cpu) as memory:
-        build_and_warm_up(name, Setup(**setup), images, cpu, *flags)
+        build_and_warm_up(name, row_setup, images, cpu, *flags)
     queue.put(memory.peak_mb)
 
 

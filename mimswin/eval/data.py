@@ -29,11 +29,12 @@ class LabeledShards:
 
     def __init__(self, spec: str, transform: Callable, cfg: DataConfig) -> None:
         self.spec, self.transform, self.cfg = spec, transform, cfg
-        self.classes = shard_classes(expand_shards(spec), cfg.shard_sizes)
+        self.urls = expand_shards(spec)
+        self.classes = shard_classes(self.urls, cfg.shard_sizes)
 
     def __len__(self) -> int:
         """Samples in the split, as far as sizes.json or the local shards tell."""
-        return sum(size or 0 for size in shard_sizes(expand_shards(self.spec), self.cfg.shard_sizes))
+        return sum(size or 0 for size in shard_sizes(self.urls, self.cfg.shard_sizes))
 
     def loader(self, batch_size: int, num_workers: int, num_replicas: int, rank: int, seed: int,
                device: torch.device, train: bool, batch_multiple: int = 1) -> ShardLoader:
