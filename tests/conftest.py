@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO))
 
 TINY_PRESET = "tiny_mae_vit_cpu"
 TINY_OVERRIDES = [
-    "model.kwargs={depth: 2}", "decoder.dim=64", "decoder.depth=1", "decoder.heads=4",
+    "model.img_size=32", "model.kwargs={depth: 2}", "decoder.dim=64", "decoder.depth=1", "decoder.heads=4",
     "data.batch_size=16", "data.num_workers=0", "train.progress=false",
 ]
 TINY = ["--config", TINY_PRESET, *TINY_OVERRIDES]

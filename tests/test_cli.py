@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from conftest import TINY
 from PIL import Image
 
@@ -88,7 +89,8 @@ def test_timm_folder_export_loads_as_local_dir_with_its_pretrained_cfg(run, tmp_
     assert config["model_args"]["depth"] == 2 and config["model_args"]["patch_size"] == 4
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=10).eval()
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
-    assert list(model.pretrained_cfg["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    run_mean = yaml.safe_load((run / "config.yaml").read_text())["data"]["mean"]
+    assert list(model.pretrained_cfg["mean"]) == pytest.approx(run_mean) == [0.1313] * 3
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(images), encoder_of(run).forward_features(images))
@@ -106,7 +108,7 @@ def test_visualize_writes_pictures_of_the_expected_size_for_any_images(run, tmp_
     assert main(["visualize", "--from", str(checkpoint), "--images", str(images), "--out", str(out),
                  "--per-picture", "4"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["reconstruction_000.png", "reconstruction_001.png"]
-    tile = 32 + 2  # 32-px images, 2-px padding; columns: original | masked | reconstruction | pasted
+    tile = 3 * 32 + 2  # 32-px images upscaled 3x to be legible, 2-px padding; columns: original | masked | recon | pasted
     with Image.open(out / "reconstruction_000.png") as first, Image.open(out / "reconstruction_001.png") as second:
         assert first.size == (4 * tile + 2, 4 * tile + 2)
         assert second.size == (4 * tile + 2, 2 * tile + 2)  # 6 readable images, 4 per picture

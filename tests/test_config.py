@@ -8,7 +8,7 @@ def test_preset_and_overrides_in_all_three_forms():
     cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"],
                       ["optim.blr=1e-4", "--mask.ratio=0.6", "--data.path", "/images", "model.kwargs={depth: 3}"])
     assert cfg.optim.blr == 1e-4 and cfg.mask.ratio == 0.6 and cfg.data.path == "/images"
-    assert cfg.model.kwargs == {"depth": 3} and cfg.model.img_size == 32
+    assert cfg.model.kwargs == {"depth": 3} and cfg.model.img_size == 28
 
 
 def test_later_presets_and_overrides_win(tmp_path):

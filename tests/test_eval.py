@@ -176,7 +176,7 @@ def test_linprobe_trains_only_the_head_and_keeps_the_encoder_frozen(pretrained, 
 def test_cached_probe_and_knn_reach_high_accuracy_on_separable_classes(pretrained, colours, tmp_path):
     results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained / "encoder.safetensors"),
                              f"data.path={colours}", f"train.output_dir={tmp_path / 'lp'}", "train.epochs=6",
-                             "knn.k=5", *FAST])
+                             "mode=cached", "knn.k=5", *FAST])
     assert results["last"]["val_count"] == 36
     assert results["best"]["top1"] >= 90.0
     assert results["knn_top1"] >= 90.0
@@ -218,7 +218,8 @@ def test_probe_pools_a_vit_class_token_and_averages_a_swin_which_has_none(pretra
 
     assert pool(pretrained / "encoder.safetensors") == "token" and pool(swin_export) == "avg"
     results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(swin_export), f"data.path={colours}",
-                             f"train.output_dir={tmp_path / 'lp'}", "train.max_steps=3", "knn.k=3", *FAST])
+                             f"train.output_dir={tmp_path / 'lp'}", "mode=cached", "train.max_steps=3", "knn.k=3",
+                             *FAST])
     assert results["steps"] == 3 and results["last"]["val_count"] == 36 and "knn_top1" in results
     code = linprobe.cli(["--config", "tiny_linprobe_cpu", "--from", str(swin_export), "model.global_pool=token",
                          f"data.path={colours}", f"train.output_dir={tmp_path / 'lp2'}", *FAST])
@@ -242,7 +243,7 @@ def shard_splits(folder, train="train-{000000..000003}.tar", val="val-{000000..0
 def test_cached_probe_and_knn_on_labeled_shards_reach_high_accuracy(pretrained, colour_shards, tmp_path):
     results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained / "encoder.safetensors"),
                              *shard_splits(colour_shards), f"train.output_dir={tmp_path / 'lp'}", "train.epochs=6",
-                             "knn.k=5",
+                             "mode=cached", "knn.k=5",
                              *FAST])
     assert results["last"]["val_count"] == 36
     assert results["best"]["top1"] >= 90.0 and results["knn_top1"] >= 90.0

@@ -33,7 +33,7 @@ def test_run_dir_holds_config_metrics_checkpoint_encoder_and_picture(short_run):
     assert {p.name for p in (run / "recon").iterdir()} == {"step_00000060.png", "step_00000120.png", "final.png"}
     from PIL import Image
     with Image.open(run / "reconstruction.png") as picture:
-        assert picture.size == (4 * 34 + 2, 8 * 34 + 2)
+        assert picture.size == (4 * 98 + 2, 8 * 98 + 2)  # 32-px tiles upscaled 3x
     assert (run / "encoder.safetensors").is_file()
 
 

@@ -20,7 +20,7 @@ from mimswin.train.rundir import read_metrics
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from wandb_records import history_rows  # noqa: E402
 
-PICTURE_SIZE = (4 * 34 + 2, 8 * 34 + 2)  # 8 preview rows x 4 columns of 32 px tiles with 2 px padding
+PICTURE_SIZE = (4 * 98 + 2, 8 * 98 + 2)  # 8 preview rows x 4 columns of 32 px tiles upscaled 3x, 2 px padding
 
 
 @pytest.fixture(scope="module")

@@ -83,11 +83,12 @@ def log_eval(trainer: Trainer, metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class EvaluateEachEpoch:
-    """Top-1/top-5 on the val split after every epoch and at the end (also of the EMA weights); keeps the best."""
+    """Top-1/top-5 on the val split after every `every`-th epoch and at the end (also of the EMA weights); keeps the
+    best."""
 
     def __init__(self, val_set: Dataset, batch_size: int, num_workers: int, progress: bool, meta: Dict[str, Any],
-                 ema: Optional[ModelEmaV3] = None) -> None:
-        self.val_set, self.ema, self.meta = val_set, ema, meta
+                 ema: Optional[ModelEmaV3] = None, every: int = 1) -> None:
+        self.val_set, self.ema, self.meta, self.every = val_set, ema, meta, every
         self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
         self.best: Dict[str, Any] = {"top1": -1.0}
         self.last: Dict[str, Any] = {}
@@ -120,7 +121,8 @@ class EvaluateEachEpoch:
                               "meta": self.meta})
 
     def on_epoch_end(self, trainer: Trainer) -> None:
-        self.run(trainer)
+        if trainer.state.epoch % self.every == 0:
+            self.run(trainer)
 
     def state_dict(self) -> Dict[str, Any]:
         """Saved with each checkpoint: the best-so-far record and the EMA weights (as `ema.*` tensors)."""

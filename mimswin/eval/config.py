@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from mimswin.config import DataConfig, OptimConfig, TrainConfig
 from mimswin.errors import ConfigError
+from mimswin.eval.pooling import FEATURES
 
 POOLS = ("avg", "token")
-PROBE_MODES = ("mae", "cached")
+PROBE_MODES = ("logistic", "mae", "cached")
+HEAD_INITS = ("random", "probe")
+L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
 
 @dataclass
@@ -45,11 +48,34 @@ class KnnConfig:
 
 
 @dataclass
+class FeatureConfig:
+    """What the probe and k-NN read from the frozen encoder: `pool` cls | avg | cls+avg of each of the last `blocks`
+    blocks (ViT) or stages (Swin), concatenated. `pool: null` = from `model.global_pool` when set (token -> cls),
+    else cls+avg where the encoder has a class token, avg where it has none."""
+
+    pool: Optional[str] = None
+    blocks: int = 1
+
+
+@dataclass
+class LogisticConfig:
+    """`mode: logistic`: the L2 penalty strengths tried (picked on a class-balanced `holdout` fraction of the train split)."""
+
+    penalties: List[float] = field(default_factory=lambda: list(L2_GRID))
+    holdout: float = 0.1
+    max_iter: int = 300
+
+
+@dataclass
 class LabeledDataConfig(DataConfig):
     """Pretraining's data section; labeled webdataset shards give the train split in `shards` and the validation split
-    in `val_shards` (class names from the classes.json `mimswin shards` writes beside them)."""
+    in `val_shards` (class names from the classes.json `mimswin shards` writes beside them).
+    `label_fraction` / `labels_per_class`: train on a seeded (`label_seed`), class-balanced labeled subset only."""
 
     val_shards: Optional[str] = None
+    label_fraction: Optional[float] = None
+    labels_per_class: Optional[int] = None
+    label_seed: int = 0
 
 
 @dataclass
@@ -62,7 +88,9 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=5e-4, min_lr=1e-6, weight_decay=0.05, betas=[0.9, 0.999], warmup_epochs=5.0))
     layer_decay: float = 0.75
+    head_init: str = "random"
     ema_decay: Optional[float] = None
+    eval_every: int = 1
     eval_crop_pct: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, output_dir="runs/finetune"))
 
@@ -73,6 +101,8 @@ class LinprobeConfig:
     random_init: bool = False
     mode: str = "mae"
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool=None))
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    logistic: LogisticConfig = field(default_factory=LogisticConfig)
     data: LabeledDataConfig = field(default_factory=lambda: LabeledDataConfig(crop_scale=[0.08, 1.0]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=0.1, weight_decay=0.0, warmup_epochs=10.0))
@@ -94,8 +124,16 @@ def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
     _check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
     _check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
            "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
+    fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class
+    _check(fraction is None or per_class is None, "data.label_fraction", "give it or data.labels_per_class, not both")
+    _check(fraction is None or 0 < fraction <= 1, "data.label_fraction", f"must be in (0, 1], got {fraction}")
+    _check(per_class is None or per_class >= 1, "data.labels_per_class", f"must be >= 1, got {per_class}")
+    _check((fraction is None and per_class is None) or cfg.data.shards is None, "data.label_fraction",
+           "labeled subsets need a map-style source (the embedded set or an image folder), not data.shards")
     if isinstance(cfg, FinetuneConfig):
         _check(0 < cfg.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {cfg.layer_decay}")
+        _check(cfg.eval_every >= 1, "eval_every", f"must be >= 1 (epochs), got {cfg.eval_every}")
+        _check(cfg.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}, got '{cfg.head_init}'")
         _check(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {cfg.ema_decay}")
         _check(0 <= cfg.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {cfg.aug.smoothing}")
         mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
@@ -105,3 +143,9 @@ def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
         _check(cfg.mode in PROBE_MODES, "mode", f"must be one of {PROBE_MODES}, got '{cfg.mode}'")
         _check(cfg.knn.k >= 0, "knn.k", f"must be >= 0, got {cfg.knn.k}")
         _check(cfg.knn.temperature > 0, "knn.temperature", f"must be > 0, got {cfg.knn.temperature}")
+        pool = cfg.features.pool
+        _check(pool is None or pool in FEATURES, "features.pool", f"must be one of {FEATURES} or null, got '{pool}'")
+        _check(cfg.features.blocks >= 1, "features.blocks", f"must be >= 1, got {cfg.features.blocks}")
+        _check(len(cfg.logistic.penalties) > 0 and min(cfg.logistic.penalties) >= 0, "logistic.penalties",
+               f"needs one or more strengths >= 0, got {cfg.logistic.penalties}")
+        _check(0 <= cfg.logistic.holdout < 1, "logistic.holdout", f"must be in [0, 1), got {cfg.logistic.holdout}")

@@ -19,6 +19,7 @@ from mimswin.data.build import EpochLoader
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_reader import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_skipping_none
+from mimswin.data.subsets import labeled_subset
 from mimswin.errors import DataError
 from mimswin.eval.config import LabeledDataConfig
 
@@ -74,15 +75,35 @@ def labeled_source(cfg: LabeledDataConfig, split: str, transform: Callable) -> T
     return dataset, dataset.classes
 
 
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Every sample's label of a map-style source, read without decoding a single image."""
+    if isinstance(dataset, EmbeddedMNIST):
+        return torch.as_tensor(dataset.labels)
+    if isinstance(dataset, ImageFolder):
+        return torch.tensor([label for _, label in dataset.samples])
+    raise DataError(f"data: cannot take a labeled subset of a {type(dataset).__name__}")
+
+
+def labeled_part(train: LabeledData, cfg: DataConfig) -> LabeledData:
+    """The train split, or its seeded class-balanced subset when `label_fraction` / `labels_per_class` is set (a
+    plain `DataConfig`, which has neither, keeps the whole split)."""
+    fraction, per_class = getattr(cfg, "label_fraction", None), getattr(cfg, "labels_per_class", None)
+    if fraction is None and per_class is None:
+        return train
+    keep = labeled_subset(dataset_labels(train), fraction, per_class, cfg.label_seed)
+    return Subset(train, keep.tolist())
+
+
 def labeled_pair(cfg: LabeledDataConfig, train_transform: Callable, val_transform: Callable
                  ) -> Tuple[LabeledData, LabeledData, int]:
-    """(train, val, number of classes); the two splits must name the same classes."""
+    """(train, val, number of classes); the two splits must name the same classes. The train split is cut to its
+    labeled subset when one is configured; val always stays whole."""
     train, classes = labeled_source(cfg, "train", train_transform)
     val, val_classes = labeled_source(cfg, "val", val_transform)
     if val_classes != classes:
         raise DataError(f"data: the train and val splits name different classes ({len(classes)} vs {len(val_classes)} "
                         "classes, or different names)")
-    return train, val, len(classes)
+    return labeled_part(train, cfg), val, len(classes)
 
 
 def train_loader(dataset: LabeledData, cfg: DataConfig, num_replicas: int, rank: int, seed: int,

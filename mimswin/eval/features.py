@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from mimswin.eval.data import rank_loader
+from mimswin.data.transforms import eval_transform
+from mimswin.eval.common import start_run
+from mimswin.eval.data import LabeledData, labeled_pair, rank_loader
+from mimswin.eval.pooling import ProbeFeatures
+from mimswin.eval.weights import EncoderWeights, LoadReport, build_classifier, read_encoder_weights
+from mimswin.train.rundir import RunDir
+
+if TYPE_CHECKING:
+    from mimswin.eval.config import LinprobeConfig
 
 
 @torch.no_grad()
@@ -45,3 +56,67 @@ def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelera
     all_y = accelerator.gather(padded_y).reshape(len(counts), width).transpose(0, 1)
     valid = torch.arange(width, device=all_y.device)[:, None] < torch.tensor(counts, device=all_y.device)[None, :]
     return all_f[valid].cpu(), all_y[valid].cpu()
+
+
+def feature_pool(cfg: "LinprobeConfig", has_token: bool) -> str:
+    """The configured `features.pool`, else the one `model.global_pool` names, else cls+avg / avg (no class token)."""
+    if cfg.features.pool is not None:
+        return cfg.features.pool
+    if cfg.model.global_pool is not None:
+        return {"token": "cls", "avg": "avg"}[cfg.model.global_pool]
+    return "cls+avg" if has_token else "avg"
+
+
+def probe_encoder(source: EncoderWeights, cfg: "LinprobeConfig") -> Tuple[ProbeFeatures, Dict[str, Any], str,
+                                                                           LoadReport]:
+    """The frozen feature reader of a probe or k-NN run: the plain timm model of the checkpoint (class-token pooling
+    where it has one, so the pretrained final norm is kept) wrapped to pool as `features` asks.
+    Returns (features module, timm kwargs, timm name, load report)."""
+    pool = cfg.model.global_pool or ("token" if "cls_token" in source.weights else "avg")
+    model, kwargs, name, report = build_classifier(source, replace(cfg.model, global_pool=pool), 0,
+                                                   pretrained=not cfg.random_init)
+    features = ProbeFeatures(model, feature_pool(cfg, "cls_token" in source.weights), cfg.features.blocks)
+    return features.requires_grad_(False).eval(), kwargs, name, report
+
+
+@dataclass
+class FrozenRun:
+    """What every frozen-encoder evaluation (probe, k-NN) starts from: the run, both splits and the feature reader."""
+
+    accelerator: Accelerator
+    run_dir: RunDir
+    checkpoint: Optional[Path]
+    train_set: LabeledData
+    val_set: LabeledData
+    num_classes: int
+    encoder: ProbeFeatures
+    timm_name: str
+    timm_kwargs: Dict[str, Any]
+    plain: Callable
+
+
+def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None,
+                    train_transform: Optional[Callable] = None) -> FrozenRun:
+    """Read the encoder, start the run, build both splits (train through `train_transform`, else the plain eval view)
+    and the frozen feature reader on the run's device."""
+    source = read_encoder_weights(cfg.checkpoint)
+    accelerator, run_dir, checkpoint = start_run(cfg, resume)
+    img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
+    plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
+    train_set, val_set, num_classes = labeled_pair(cfg.data, train_transform or plain, plain)
+    set_seed(cfg.train.seed)
+    encoder, kwargs, name, report = probe_encoder(source, cfg)
+    accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}; "
+                      f"features {encoder.features} of the last {encoder.blocks} block(s), {encoder.num_features} wide")
+    return FrozenRun(accelerator, run_dir, checkpoint, train_set, val_set, num_classes,
+                     encoder.to(accelerator.device), name, kwargs, plain)
+
+
+def encode_splits(run: FrozenRun, cfg: "LinprobeConfig", train_set: Optional[LabeledData] = None
+                  ) -> Dict[str, torch.Tensor]:
+    """Cached features and labels of both splits (every rank holds all of them)."""
+    args = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=cfg.train.progress)
+    train_f, train_y = extract_features(run.encoder, train_set if train_set is not None else run.train_set,
+                                        run.accelerator, desc="train features", **args)
+    val_f, val_y = extract_features(run.encoder, run.val_set, run.accelerator, desc="val features", **args)
+    return {"train": train_f, "train_labels": train_y, "val": val_f, "val_labels": val_y}

@@ -1,6 +1,6 @@
 """Fine-tuning program: the plain timm classifier of a pretrained encoder, trained end to end with timm's recipe parts.
 
-Layer-wise lr decay, drop path, RandAugment, Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup +
+Optionally a probe-initialised head (`head_init: probe`, LP-FT), layer-wise lr decay, drop path, RandAugment, Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup +
 cosine per step; top-1/top-5 on the val split each epoch; last checkpoint (resumable) and best weights (`best/`).
 """
 
@@ -21,6 +21,7 @@ from mimswin.data.transforms import eval_transform
 from mimswin.eval.common import EvaluateEachEpoch, parse_eval_args, start_run, write_results
 from mimswin.eval.config import FinetuneConfig
 from mimswin.eval.data import labeled_pair, train_loader
+from mimswin.eval.head_init import probe_initialised_head
 from mimswin.eval.weights import build_classifier, read_encoder_weights
 from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
@@ -85,6 +86,11 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     set_seed(cfg.train.seed)
     model, kwargs, name, report = build_classifier(source, cfg.model, num_classes, pretrained=not cfg.random_init)
     accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}")
+    if cfg.head_init == "probe" and checkpoint is None:
+        plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
+        l2 = probe_initialised_head(model, labeled_pair(cfg.data, plain, plain)[0], num_classes, accelerator,
+                                    cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
+        accelerator.print(f"head initialised to the logistic probe of the frozen features (L2 {l2:g})")
     set_seed(cfg.train.seed + accelerator.process_index)
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
                         accelerator.device, cfg.train.grad_accum_steps)
@@ -104,7 +110,7 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     prepared, optimizer = accelerator.prepare(model, optimizer)
     meta = {"program": "finetune", "timm_name": name, "timm_kwargs": kwargs, "num_classes": num_classes}
     evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
-                                  ema)
+                                  ema, cfg.eval_every)
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data,
                       classification_loss(build_criterion(cfg, mixup), mixup), run_dir, total_steps,
                       cfg.optim.clip_grad, [evaluator], meta)

@@ -1,5 +1,8 @@
-"""Linear probe of a frozen pretrained encoder, on the loop core, in two modes (`mode`):
+"""Linear probe of a frozen pretrained encoder, in three modes (`mode`):
 
+- `logistic`: the encoder runs once over un-augmented images; a logistic regression on the standardized features is
+  solved to convergence (L-BFGS), its L2 strength picked on a held-out tenth of train: the result measures the
+  features, not the optimizer's lr.
 - `mae`: MAE's recipe. Images go through the frozen encoder every step (train augmentation: random resized crop +
   flip); the head is BatchNorm1d without affine parameters + Linear, trained with LARS and weight decay 0.
 - `cached`: the encoder runs once over un-augmented train/val images; the same head is trained on the cached features.
@@ -19,13 +22,15 @@ from timm.optim import Lars
 from torch import nn
 from torch.utils.data import Dataset
 
-from mimswin.data.transforms import eval_transform, pretrain_transform
-from mimswin.eval.common import EvaluateEachEpoch, Stopwatch, log_record, parse_eval_args, start_run, write_results
+from mimswin.data.transforms import pretrain_transform
+from mimswin.eval.common import EvaluateEachEpoch, Stopwatch, log_record, parse_eval_args, write_results
 from mimswin.eval.config import LinprobeConfig
 from mimswin.eval.data import feature_dataset, labeled_pair, train_loader
-from mimswin.eval.features import extract_features
+from mimswin.eval.features import FrozenRun, encode_splits, open_frozen_run
 from mimswin.eval.knn import knn_accuracy
-from mimswin.eval.weights import build_classifier, read_encoder_weights
+from mimswin.eval.logistic import logistic_probe
+from mimswin.eval.pooling import ProbeFeatures, pooled_features
+from mimswin.eval.weights import read_encoder_weights
 from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_scheduler, scaled_lr
@@ -43,11 +48,16 @@ def probe_head(num_features: int, num_classes: int) -> nn.Sequential:
 
 
 class FrozenEncoderProbe(nn.Module):
-    """A timm encoder (`num_classes=0`, so it returns pooled features) frozen in eval mode, with a trainable head."""
+    """A timm encoder frozen in eval mode, with a trainable head. Features: as a `ProbeFeatures` reads them (its timm
+    model is kept as `encoder`, so checkpoints hold `encoder.*` keys), or a timm model's own pooled output
+    (`num_classes=0`)."""
 
     def __init__(self, encoder: nn.Module, num_classes: int) -> None:
         super().__init__()
-        self.encoder = encoder.requires_grad_(False).eval()
+        self.spec = (encoder.features, encoder.blocks) if isinstance(encoder, ProbeFeatures) else None
+        model = encoder.model if isinstance(encoder, ProbeFeatures) else encoder
+        self.encoder = model.requires_grad_(False).eval()
+        self.num_features = encoder.num_features
         self.head = probe_head(encoder.num_features, num_classes)
 
     def train(self, mode: bool = True) -> "FrozenEncoderProbe":
@@ -57,7 +67,10 @@ class FrozenEncoderProbe(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            features = self.encoder(images)
+            if self.spec is None:
+                features = self.encoder(images)
+            else:
+                features = torch.cat(pooled_features(self.encoder, images, *self.spec), dim=1)
         return self.head(features.float())
 
 
@@ -95,35 +108,23 @@ class KnnAtEnd:
         log_record(trainer.accelerator, trainer.run_dir, record)
 
 
-def encode_splits(encoder: nn.Module, train_set: Dataset, val_set: Dataset, accelerator: Accelerator,
-                  cfg: LinprobeConfig) -> Dict[str, torch.Tensor]:
-    """Cached features and labels of both splits (every rank holds all of them)."""
-    args = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=cfg.train.progress)
-    train_f, train_y = extract_features(encoder, train_set, accelerator, desc="train features", **args)
-    val_f, val_y = extract_features(encoder, val_set, accelerator, desc="val features", **args)
-    return {"train": train_f, "train_labels": train_y, "val": val_f, "val_labels": val_y}
-
-
 def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
                    ) -> Tuple[Trainer, EvaluateEachEpoch, Optional[KnnAtEnd], Stopwatch]:
-    """Everything a probe run needs, wired and (with `resume`) restored, ready for `fit()`; in cached mode the
-    features are computed here (again on resume: the frozen encoder gives the same ones)."""
-    source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir, checkpoint = start_run(cfg, resume)
-    img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
-    plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
-    augmented = pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
-    train_images, val_images, num_classes = labeled_pair(cfg.data, augmented if cfg.mode == "mae" else plain, plain)
-    set_seed(cfg.train.seed)
-    encoder, kwargs, name, report = build_classifier(source, cfg.model, 0, pretrained=not cfg.random_init)
-    accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}")
-    probe = FrozenEncoderProbe(encoder, num_classes).to(accelerator.device)
+    """Everything a trained-head probe run (`mae` or `cached`) needs, wired and (with `resume`) restored, ready for
+    `fit()`; in cached mode the features are computed here (again on resume: the frozen encoder gives the same ones)."""
+    augmented = None
+    if cfg.mode == "mae":
+        img_size = cfg.model.img_size or read_encoder_weights(cfg.checkpoint).timm_kwargs.get("img_size", 224)
+        augmented = pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
+    run = open_frozen_run(cfg, resume, augmented)
+    accelerator = run.accelerator
+    probe = FrozenEncoderProbe(run.encoder, run.num_classes).to(accelerator.device)
     watch = Stopwatch()
     features: Dict[str, torch.Tensor] = {}
     if cfg.mode == "cached" or cfg.knn.k > 0:
         with watch.time("features_s"):
-            plain_train = train_images if cfg.mode == "cached" else labeled_pair(cfg.data, plain, plain)[0]
-            features = encode_splits(probe.encoder, plain_train, val_images, accelerator, cfg)
+            plain_train = run.train_set if cfg.mode == "cached" else labeled_pair(cfg.data, run.plain, run.plain)[0]
+            features = encode_splits(run, cfg, plain_train)
     set_seed(cfg.train.seed + accelerator.process_index)
     if cfg.mode == "cached":
         model: nn.Module = probe.head
@@ -131,7 +132,7 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
         val_set = feature_dataset(features["val"], features["val_labels"])
         workers = 0
     else:
-        model, train_set, val_set, workers = probe, train_images, val_images, cfg.data.num_workers
+        model, train_set, val_set, workers = probe, run.train_set, run.val_set, cfg.data.num_workers
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
                         accelerator.device, cfg.train.grad_accum_steps, num_workers=workers)
     steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum_steps
@@ -143,37 +144,77 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
     optimizer = build_lars(probe.head, lr, cfg.momentum, cfg.optim.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    meta = {"program": "linprobe", "mode": cfg.mode, "timm_name": name, "timm_kwargs": kwargs,
-            "num_classes": num_classes, "encoder_prefix": "encoder."}
+    meta = probe_meta(cfg, run)
     evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, workers, cfg.train.progress, meta)
-    knn = KnnAtEnd(cfg, features, num_classes, watch) if cfg.knn.k > 0 else None
+    knn = KnnAtEnd(cfg, features, run.num_classes, watch) if cfg.knn.k > 0 else None
     callbacks = [evaluator] + ([knn] if knn is not None else [])
-    trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, cross_entropy_loss, run_dir,
+    trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, cross_entropy_loss, run.run_dir,
                       total_steps, cfg.optim.clip_grad, callbacks, meta)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    accelerator.print(f"linear probe ({cfg.mode}) of {name}, {probe.encoder.num_features} features, {num_classes} "
-                      f"classes, {len(train_set)} train samples: {total_steps} steps, {steps_per_epoch} per epoch, "
-                      f"effective batch {effective_batch}, lr {lr:.3g}, {accelerator.num_processes} process(es) on "
-                      f"{accelerator.device}, run dir {run_dir.root}")
+    if run.checkpoint is not None:
+        trainer.resume(run.checkpoint)
+    accelerator.print(f"linear probe ({cfg.mode}) of {run.timm_name}, {probe.num_features} features, "
+                      f"{run.num_classes} classes, {len(train_set)} train samples: {total_steps} steps, "
+                      f"{steps_per_epoch} per epoch, effective batch {effective_batch}, lr {lr:.3g}, "
+                      f"{accelerator.num_processes} process(es) on {accelerator.device}, run dir {run.run_dir.root}")
     return trainer, evaluator, knn, watch
+
+
+def probe_meta(cfg: LinprobeConfig, run: FrozenRun) -> Dict[str, Any]:
+    """What the run's records say about the probe: program, mode, architecture and the features read."""
+    return {"program": "linprobe", "mode": cfg.mode, "timm_name": run.timm_name, "timm_kwargs": run.timm_kwargs,
+            "num_classes": run.num_classes, "encoder_prefix": "encoder.",
+            "features": run.encoder.features, "blocks": run.encoder.blocks}
+
+
+def run_logistic(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
+    """`mode: logistic`: encode both splits once, solve the L2-regularised logistic regression (strength picked on a
+    held-out part of train), k-NN on the same features; one record and results.json."""
+    run = open_frozen_run(cfg)
+    watch = Stopwatch()
+    with watch.time("features_s"):
+        features = encode_splits(run, cfg)
+    f = features
+    with watch.time("train_s"):
+        probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
+                               cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed, cfg.logistic.max_iter)
+    metrics = {"val_top1": probe["top1"], "val_top5": probe["top5"], "l2": probe["l2"]}
+    if cfg.knn.k > 0:
+        with watch.time("knn_s"):
+            accuracy = knn_accuracy(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
+                                    cfg.knn.k, cfg.knn.temperature)
+        metrics.update({f"knn_{key}": value for key, value in accuracy.items()})
+    record = {"step": 0, "epoch": 0, **metrics}
+    log_record(run.accelerator, run.run_dir, record)
+    knn_part = {k: v for k, v in metrics.items() if k.startswith("knn_")}
+    results = {"program": "linprobe", "mode": cfg.mode, "checkpoint": str(cfg.checkpoint),
+               "random_init": cfg.random_init, **probe_meta(cfg, run), "train_samples": len(f["train_labels"]),
+               "last": {"val_top1": probe["top1"], "val_top5": probe["top5"]},
+               "best": {"top1": probe["top1"], "l2": probe["l2"]}, "holdout_top1": probe["holdout_top1"],
+               **knn_part, "seconds": watch.seconds, "history": [record]}
+    write_results(run.accelerator, run.run_dir, results)
+    run.accelerator.end_training()
+    return results, run.accelerator
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse, build, train the head, evaluate. Returns the results (also written to results.json)."""
     cfg, resume = parse_eval_args(LinprobeConfig, "mimswin-linprobe",
                                   "Linear probe (and k-NN) of a pretrained encoder.", argv, resumable=True)
-    trainer, evaluator, knn, watch = build_linprobe(cfg, resume)
-    with watch.time("train_s"):
-        trainer.fit()
-    results = {"program": "linprobe", "mode": cfg.mode, "checkpoint": str(cfg.checkpoint),
-               "random_init": cfg.random_init, "steps": trainer.state.step, "epochs": cfg.train.epochs,
-               "last": evaluator.last, "best": evaluator.best, **(knn.result if knn is not None else {}),
-               "seconds": watch.seconds, "history": trainer.history}
-    write_results(trainer.accelerator, trainer.run_dir, results)
-    knn_text = f", k-NN top-1 {knn.result['knn_top1']:.2f}" if knn is not None else ""
-    trainer.accelerator.print(f"done: probe val top-1 {evaluator.last.get('val_top1', float('nan')):.2f} (best "
-                              f"{evaluator.best['top1']:.2f}){knn_text}; {trainer.run_dir.root}")
+    if cfg.mode == "logistic":
+        results, accelerator = run_logistic(cfg)
+    else:
+        trainer, evaluator, knn, watch = build_linprobe(cfg, resume)
+        with watch.time("train_s"):
+            trainer.fit()
+        results = {"program": "linprobe", "mode": cfg.mode, "checkpoint": str(cfg.checkpoint),
+                   "random_init": cfg.random_init, "steps": trainer.state.step, "epochs": cfg.train.epochs,
+                   "last": evaluator.last, "best": evaluator.best, **(knn.result if knn is not None else {}),
+                   "seconds": watch.seconds, "history": trainer.history}
+        write_results(trainer.accelerator, trainer.run_dir, results)
+        accelerator = trainer.accelerator
+    knn_text = f", k-NN top-1 {results['knn_top1']:.2f}" if "knn_top1" in results else ""
+    accelerator.print(f"done: probe ({cfg.mode}) val top-1 {results['last'].get('val_top1', float('nan')):.2f} "
+                      f"(best {results['best']['top1']:.2f}){knn_text}; {cfg.train.output_dir}")
     return results
 
 

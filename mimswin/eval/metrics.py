@@ -20,6 +20,14 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).to(torch.float64)
 
 
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Top-1 and top-5 (%), k capped at the class count."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    count = max(1, len(labels))
+    return {"top1": 100.0 * hits[:, 0].sum().item() / count, "top5": 100.0 * hits.any(dim=1).sum().item() / count}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int, num_workers: int,
              prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False

@@ -1,0 +1,288 @@
+"""Quality benchmark: pretrain, then probe, k-NN and fine-tune at 100 / 10 / 1 % labels, against random init and raw
+pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accuracy against pretraining epochs.
+
+    python benchmarks/quality.py --budget quick      # the README path (tiny MAE ViT) and its baselines
+    python benchmarks/quality.py --budget full       # + visible-only MAE Swin and SimMIM Swin, every label fraction
+    python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
+
+Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
+presets and the overrides printed beside it in the JSON, so each one can be reproduced from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+import torch
+import yaml
+
+from mimswin import pretrain
+from mimswin.config import PretrainConfig, load_config
+from mimswin.data.sources import EmbeddedMNIST
+from mimswin.data.subsets import labeled_subset
+from mimswin.eval import finetune, linprobe
+from mimswin.eval.knn import knn_accuracy
+from mimswin.eval.logistic import logistic_probe
+
+CLASSES = 10
+TRAIN_PER_CLASS = 400  # the embedded train split: 4000 images, 400 of each digit
+KNN_K, KNN_T = 20, 0.07
+
+
+@dataclass
+class Method:
+    """A pretraining row: its preset and the architecture its random-init baseline shares."""
+
+    name: str
+    preset: str
+    arch: str
+
+
+METHODS = {
+    "mae_vit": Method("MAE ViT", "tiny_mae_vit_cpu", "ViT"),
+    "mae_swin": Method("MAE Swin (visible-only)", "tiny_mae_swin_cpu", "Swin"),
+    "simmim_swin": Method("SimMIM Swin", "tiny_simmim_swin_cpu", "Swin"),
+}
+TOY = {"ViT": ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "decoder.dim=32", "decoder.heads=2",
+               "decoder.depth=1"],
+       "Swin": []}
+
+
+@dataclass
+class Budget:
+    """How much each stage runs: pretraining overrides, curve points (fractions of the pretraining), fine-tune length
+    at full labels (the preset's, or overrides) and in steps at reduced labels."""
+
+    methods: Sequence[str]
+    fractions: Sequence[float]
+    finetune_fractions: Sequence[float]
+    curve_points: int = 0
+    pretrain: List[str] = field(default_factory=list)
+    finetune: List[str] = field(default_factory=list)
+    linprobe: List[str] = field(default_factory=list)
+    low_label_steps: int = 150
+    toy: bool = False
+
+
+BUDGETS = {
+    "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1, ["train.max_steps=4", "train.epochs=1"],
+                    ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"], 2, toy=True),
+    "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,)),
+    "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
+}
+
+
+def fraction_label(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def subset_overrides(fraction: float) -> List[str]:
+    return [] if fraction >= 1 else [f"data.label_fraction={fraction}"]
+
+
+def low_label_finetune(fraction: float, steps: int) -> List[str]:
+    """Batch and epochs of a fine-tune on `fraction` of the labels: about `steps` steps, a batch the subset fills."""
+    count = CLASSES * max(1, round(fraction * TRAIN_PER_CLASS))
+    batch = min(64, count - count % 2)
+    epochs = math.ceil(steps / (count // batch))
+    return [f"data.batch_size={batch}", f"train.epochs={epochs}", f"eval_every={max(1, epochs // 4)}",
+            "optim.warmup_epochs=0"]
+
+
+class Bench:
+    """Runs the programs, keeps every result with the command line that made it."""
+
+    def __init__(self, budget: Budget, out: Path) -> None:
+        self.budget, self.out = budget, out
+        self.results: Dict[str, Any] = {"budget": {}, "rows": {}, "curves": {}, "commands": {}}
+
+    def call(self, key: str, program: Any, script: str, argv: List[str]) -> Dict[str, Any]:
+        self.results["commands"][key] = f"python launch/{script}.py " + " ".join(argv)
+        start = time.perf_counter()
+        result = program.main(argv + ["train.progress=false"])
+        (self.out / "quality.json").write_text(json.dumps(self.results, indent=1))
+        return {"result": result, "seconds": time.perf_counter() - start}
+
+    def pretrain(self, key: str, method: Method) -> Path:
+        run = self.out / key / "pretrain"
+        extra = [*(TOY[method.arch] if self.budget.toy else []), *self.budget.pretrain]
+        argv = ["--config", method.preset, f"train.output_dir={run}", *extra,
+                *self.curve_overrides(method.preset, extra)]
+        trainer_run = self.call(f"{key}/pretrain", pretrain, "pretrain", argv)
+        self.results["rows"].setdefault(key, {})["pretrain_s"] = trainer_run["seconds"]
+        return run
+
+    def probe(self, key: str, source: Path, fraction: float, random: bool = False) -> Dict[str, Any]:
+        tag = f"{key}/probe_{fraction_label(fraction)}{'_random' if random else ''}"
+        argv = ["--config", "tiny_linprobe_cpu", "--from", str(source), f"train.output_dir={self.out / tag}",
+                *subset_overrides(fraction), *(["random_init=true"] if random else []), *self.budget.linprobe]
+        run = self.call(tag, linprobe, "linprobe", argv)
+        return {"probe": run["result"]["last"]["val_top1"], "knn": run["result"].get("knn_top1"),
+                "seconds": run["seconds"]}
+
+    def finetune(self, key: str, source: Path, fraction: float, random: bool = False) -> Dict[str, Any]:
+        tag = f"{key}/finetune_{fraction_label(fraction)}{'_random' if random else ''}"
+        length = [] if fraction >= 1 else low_label_finetune(fraction, self.budget.low_label_steps)
+        argv = ["--config", "tiny_finetune_cpu", "--from", str(source), f"train.output_dir={self.out / tag}",
+                *subset_overrides(fraction), *length, *(["random_init=true"] if random else []),
+                *self.budget.finetune]
+        run = self.call(tag, finetune, "finetune", argv)
+        return {"finetune": run["result"]["last"]["val_top1"], "seconds": run["seconds"]}
+
+    def evaluate(self, key: str, source: Path, random: bool) -> Dict[str, Any]:
+        row: Dict[str, Any] = {}
+        for fraction in self.budget.fractions:
+            row[fraction_label(fraction)] = self.probe(key, source, fraction, random)
+        for fraction in self.budget.finetune_fractions:
+            row[fraction_label(fraction)].update(self.finetune(key, source, fraction, random))
+        return row
+
+    def curve(self, key: str, run: Path) -> List[Dict[str, Any]]:
+        """Probe and k-NN (at the budget's first label fraction) of the checkpoints along the pretraining, epoch 0
+        being random init."""
+        points = []
+        checkpoints = sorted((run / "checkpoints").glob("step_*"))
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        steps = max(int(c.name.split("_")[1]) for c in checkpoints)
+        for checkpoint in checkpoints:
+            step = int(checkpoint.name.split("_")[1])
+            evaluation = self.probe(f"{key}/curve_{step}", checkpoint, self.budget.fractions[0])
+            points.append({"epoch": config["train"]["epochs"] * step / steps, "step": step, **evaluation})
+        return points
+
+    def raw_pixels(self) -> Dict[str, Any]:
+        row: Dict[str, Any] = {}
+        train_x, train_y, val_x, val_y = raw_pixel_features()
+        for fraction in self.budget.fractions:
+            keep = labeled_subset(train_y, fraction if fraction < 1 else None, None, 0)
+            start = time.perf_counter()
+            probe = logistic_probe(train_x[keep], train_y[keep], val_x, val_y, CLASSES)
+            knn = knn_accuracy(train_x[keep], train_y[keep], val_x, val_y, CLASSES, KNN_K, KNN_T)
+            row[fraction_label(fraction)] = {"probe": probe["top1"], "knn": knn["top1"],
+                                             "seconds": time.perf_counter() - start}
+        return row
+
+    def run(self, methods: Sequence[str]) -> Dict[str, Any]:
+        start = time.perf_counter()
+        self.results["rows"]["raw_pixels"] = {"name": "raw pixels (logistic, k-NN)", **self.raw_pixels()}
+        random_done = set()
+        for key in methods:
+            method = METHODS[key]
+            run = self.pretrain(key, method)
+            self.results["rows"][key].update({"name": method.name, **self.evaluate(key, run, random=False)})
+            if self.budget.curve_points:
+                self.results["curves"][key] = self.curve(key, run)
+            if method.arch not in random_done:
+                random_done.add(method.arch)
+                random_key = f"random_{method.arch.lower()}"
+                self.results["rows"][random_key] = {"name": f"random init {method.arch}",
+                                                    **self.evaluate(random_key, run, random=True)}
+        self.results["wall_s"] = time.perf_counter() - start
+        return self.results
+
+    def curve_overrides(self, preset: str, extra: List[str]) -> List[str]:
+        """Checkpoints kept at `curve_points` even steps of the pretraining, for the accuracy-vs-epochs curve."""
+        if not self.budget.curve_points:
+            return []
+        cfg = load_config(PretrainConfig, [preset], extra)
+        steps = cfg.train.epochs * (TRAIN_PER_CLASS * CLASSES // cfg.data.batch_size)
+        if cfg.train.max_steps is not None:
+            steps = min(steps, cfg.train.max_steps)
+        every = max(1, steps // self.budget.curve_points)
+        return [f"train.save_every={every}", f"train.keep_every={every}"]
+
+
+def raw_pixel_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The embedded train and val images as flat vectors in [0, 1] (one gray channel), with their labels."""
+    train, val = EmbeddedMNIST("train"), EmbeddedMNIST("val")
+
+    def flat(data: EmbeddedMNIST) -> torch.Tensor:
+        return torch.from_numpy(data.images.reshape(len(data.images), -1)).float() / 255.0
+
+    return flat(train), torch.as_tensor(train.labels), flat(val), torch.as_tensor(val.labels)
+
+
+COLUMNS = ("probe", "knn", "finetune")
+COLUMN_NAMES = {"probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
+
+
+def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
+    """One row per method / baseline; columns probe, k-NN, fine-tune at each label fraction, and wall time."""
+    labels = [fraction_label(f) for f in fractions]
+    header = ["row"] + [f"{COLUMN_NAMES[c]} {label}" for c in COLUMNS for label in labels] + ["wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in results["rows"].values():
+        cells = [row["name"]]
+        for column in COLUMNS:
+            for label in labels:
+                value = row.get(label, {}).get(column)
+                cells.append("–" if value is None else f"{value:.1f}")
+        seconds = row.get("pretrain_s", 0.0) + sum(row.get(label, {}).get("seconds", 0.0) for label in labels)
+        cells.append(f"{seconds:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: Dict[str, Any], path: Path) -> None:
+    """Probe and k-NN top-1 (100 % labels) against pretraining epochs, one colour per method; raw pixels and the
+    random-init probe as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    label = fraction_label(results["budget"]["fractions"][0])
+    raw = results["rows"]["raw_pixels"][label]
+    for axis, column in zip(axes, ("probe", "knn")):
+        for key, points in results["curves"].items():
+            epochs = [0.0] + [p["epoch"] for p in points]
+            random_key = f"random_{METHODS[key].arch.lower()}"
+            start = results["rows"][random_key][label][column]
+            axis.plot(epochs, [start] + [p[column] for p in points], marker="o", label=METHODS[key].name)
+        axis.axhline(raw[column], color="gray", linestyle="--", label="raw pixels")
+        axis.set_title(f"{COLUMN_NAMES[column]} top-1, {label} labels")
+        axis.set_xlabel("pretraining epochs (0 = random init)")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("val top-1 (%)")
+    axes[1].legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
+    args = parser.parse_args(argv)
+    budget = BUDGETS[args.budget]
+    methods = budget.methods if args.methods is None else tuple(args.methods.split(","))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    bench = Bench(budget, args.out)
+    bench.results["budget"] = {"name": args.budget, "methods": list(methods), "fractions": list(budget.fractions),
+                               "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results = bench.run(methods)
+    table = markdown_table(results, budget.fractions)
+    (args.out / "quality.json").write_text(json.dumps(results, indent=1))
+    (args.out / "quality.md").write_text(table + "\n")
+    if results["curves"]:
+        plot_curves(results, args.out / "quality_curve.png")
+    print(table)
+    print(f"wall {results['wall_s']:.0f} s; table, JSON and plot in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

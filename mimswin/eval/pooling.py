@@ -1,0 +1,70 @@
+"""What a probe reads from a frozen timm encoder: the class token, the mean of the patch tokens, or both, from each of
+the last `blocks` blocks (ViT) or stages (Swin and other pyramids), concatenated as DINO's linear probe does."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from mimswin.errors import ConfigError
+
+FEATURES = ("cls", "avg", "cls+avg")
+
+
+def has_class_token(model: nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None
+
+
+def is_token_encoder(model: nn.Module) -> bool:
+    """A plain ViT-like timm model: a sequence of blocks over (prefix + patch) tokens."""
+    return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+
+
+class ProbeFeatures(nn.Module):
+    """Frozen features of a timm model for probes and k-NN: `features` in cls | avg | cls+avg, read from the outputs
+    of the last `blocks` blocks (each through the encoder's final norm) and concatenated, last block first.
+
+    A ViT's blocks are its transformer blocks; a Swin's (or any pyramid's) are its stages, averaged over space.
+    `blocks` beyond the encoder's depth read them all (so one preset serves a 6-block ViT and a 2-stage Swin).
+    """
+
+    def __init__(self, model: nn.Module, features: str = "avg", blocks: int = 1) -> None:
+        super().__init__()
+        if features not in FEATURES:
+            raise ConfigError(f"config key 'features.pool': must be one of {FEATURES}, got '{features}'")
+        if "cls" in features and not has_class_token(model):
+            raise ConfigError(f"config key 'features.pool': '{features}' needs a class token and "
+                              f"{type(model).__name__} has none; use avg")
+        if blocks < 1:
+            raise ConfigError(f"config key 'features.blocks': must be >= 1, got {blocks}")
+        blocks = min(blocks, len(model.blocks) if is_token_encoder(model) else len(model.feature_info))
+        self.model, self.features, self.blocks = model, features, blocks
+        if is_token_encoder(model):
+            widths = [model.embed_dim] * blocks
+        else:
+            widths = [info["num_chs"] for info in model.feature_info[-blocks:]]
+        self.num_features = sum(widths) * (2 if features == "cls+avg" else 1)
+
+    def pooled(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Per block (last first): [B, D] pooled features."""
+        return pooled_features(self.model, x, self.features, self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.pooled(x), dim=1)
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor, features: str, blocks: int) -> List[torch.Tensor]:
+    """Per block (last first): [B, D] features of `model` on `x` as `ProbeFeatures` reads them."""
+    if not is_token_encoder(model):
+        maps = model.forward_intermediates(x, indices=blocks, norm=True, intermediates_only=True)
+        return [m.mean(dim=(-2, -1)) for m in reversed(maps)]
+    outs = model.forward_intermediates(x, indices=blocks, norm=True, output_fmt="NLC", intermediates_only=True,
+                                       return_prefix_tokens=True)
+    pooled = []
+    for patches, prefix in reversed(outs):
+        parts = {"cls": [prefix[:, 0]], "avg": [patches.mean(dim=1)],
+                 "cls+avg": [prefix[:, 0], patches.mean(dim=1)]}[features]
+        pooled.append(torch.cat(parts, dim=1))
+    return pooled

@@ -1,0 +1,210 @@
+"""The evaluation parts that make quality measurable: labeled subsets, probe features, the logistic probe, the
+probe-initialised fine-tune head, legible pictures, and the quality benchmark end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import REPO, TINY
+
+from mimswin.config import PretrainConfig, load_config
+from mimswin.data.sources import EmbeddedMNIST
+from mimswin.data.subsets import balanced_split, labeled_subset
+from mimswin.errors import ConfigError
+from mimswin.eval import finetune, linprobe
+from mimswin.eval.config import LabeledDataConfig
+from mimswin.eval.data import labeled_pair
+from mimswin.eval.head_init import PreLogits, probe_initialised_head
+from mimswin.eval.knn import knn_accuracy
+from mimswin.eval.logistic import Standardize, fit_probe, folded, logistic_probe
+from mimswin.eval.pooling import ProbeFeatures
+from mimswin.models import build_method
+from mimswin.pretrain import main as pretrain
+from mimswin.train.loop import make_accelerator
+from mimswin.config import TrainConfig
+from mimswin.viz import reconstruction_grid
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402
+
+FAST = ["data.batch_size=16", "data.num_workers=0", "train.progress=false", "train.log_every=1"]
+
+
+def test_labeled_subset_is_class_balanced_seeded_and_nested():
+    labels = torch.arange(10).repeat_interleave(400)
+    ten = labeled_subset(labels, fraction=0.1, seed=3)
+    assert torch.bincount(labels[ten]).tolist() == [40] * 10
+    assert torch.equal(ten, labeled_subset(labels, fraction=0.1, seed=3))
+    assert not torch.equal(ten, labeled_subset(labels, fraction=0.1, seed=4))
+    one = labeled_subset(labels, per_class=4, seed=3)
+    assert torch.bincount(labels[one]).tolist() == [4] * 10
+    assert set(one.tolist()) <= set(ten.tolist())
+    assert torch.equal(labeled_subset(labels), torch.arange(len(labels)))
+    with pytest.raises(ConfigError, match="not both"):
+        labeled_subset(labels, fraction=0.1, per_class=2)
+
+
+def test_embedded_label_fraction_takes_train_images_only_and_keeps_val_whole():
+    train, val, classes = labeled_pair(LabeledDataConfig(label_fraction=0.01), None, None)
+    assert classes == 10 and len(train) == 40 and len(val) == 1000
+    labels = [train[i][1] for i in range(len(train))]
+    assert np.bincount(labels).tolist() == [4] * 10
+    val_images = {np.asarray(val[i][0]).tobytes() for i in range(len(val))}
+    assert not any(np.asarray(train[i][0]).tobytes() in val_images for i in range(len(train)))
+
+
+def test_balanced_split_holds_out_a_fraction_of_each_class_disjointly():
+    labels = torch.tensor([0] * 20 + [1] * 10 + [2])
+    kept, held = balanced_split(labels, 0.1, seed=0)
+    assert torch.bincount(labels[held], minlength=3).tolist() == [2, 1, 0]
+    assert sorted(kept.tolist() + held.tolist()) == list(range(len(labels)))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, depth=3, num_classes=0,
+                             global_pool="token").eval()
+
+
+def hand_block_outputs(model, x):
+    """Each block's output tokens, computed by hand through timm's own modules."""
+    tokens = model._pos_embed(model.patch_embed(x))
+    outputs = []
+    for block in model.blocks:
+        tokens = block(tokens)
+        outputs.append(model.norm(tokens))
+    return outputs
+
+
+@pytest.mark.parametrize("pool,blocks", [("cls", 1), ("avg", 1), ("cls+avg", 1), ("avg", 2), ("cls+avg", 3)])
+def test_probe_features_match_a_hand_computation(vit, pool, blocks):
+    x = torch.randn(3, 3, 28, 28)
+    reader = ProbeFeatures(vit, pool, blocks)
+    with torch.no_grad():
+        got = reader(x)
+        outs = hand_block_outputs(vit, x)
+    parts = []
+    for tokens in reversed(outs[-blocks:]):
+        parts += {"cls": [tokens[:, 0]], "avg": [tokens[:, 1:].mean(1)],
+                  "cls+avg": [tokens[:, 0], tokens[:, 1:].mean(1)]}[pool]
+    expected = torch.cat(parts, dim=1)
+    assert got.shape == (3, reader.num_features) == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_swin_features_average_its_stages_and_refuse_a_class_token():
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
+                             num_heads=[2, 4], window_size=4, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        both = ProbeFeatures(swin, "avg", 4)
+        assert both.blocks == 2 and both.num_features == 64 + 32
+        torch.testing.assert_close(both(x)[:, :64], swin(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="class token"):
+        ProbeFeatures(swin, "cls")
+
+
+def test_logistic_probe_separates_separable_classes_whatever_the_feature_scale():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=generator) * 3
+    labels = torch.arange(4).repeat(50)
+    x = centers[labels] + torch.randn(200, 16, generator=generator)
+    for scale in (1e-3, 1.0, 1e3):
+        result = logistic_probe(x * scale, labels, x[:40] * scale, labels[:40], 4)
+        assert result["top1"] == 100.0, scale
+
+
+def test_folded_probe_equals_standardize_then_linear():
+    x = torch.randn(50, 8) * 5 + 2
+    y = torch.arange(5).repeat(10)
+    scale, linear, _, _ = fit_probe(x, y, 5, l2_grid=[1e-2])
+    weight, bias = folded(scale, linear)
+    torch.testing.assert_close(x @ weight.T + bias, linear(scale(x)), rtol=1e-4, atol=1e-4)
+    assert isinstance(scale, Standardize)
+
+
+def test_raw_pixel_baseline_reads_the_embedded_pixels_and_its_knn_is_brute_force():
+    train_x, train_y, val_x, val_y = quality.raw_pixel_features()
+    images = EmbeddedMNIST("train").images
+    assert train_x.shape == (4000, 784) and val_x.shape == (1000, 784)
+    torch.testing.assert_close(train_x[7], torch.from_numpy(images[7].reshape(-1) / 255.0).float())
+    a, b = train_x[:300], val_x[:50]
+    sims = torch.nn.functional.normalize(b, dim=1) @ torch.nn.functional.normalize(a, dim=1).T
+    nearest = train_y[:300][sims.argmax(dim=1)]
+    expected = 100.0 * (nearest == val_y[:50]).double().mean().item()
+    assert knn_accuracy(a, train_y[:300], b, val_y[:50], 10, 1, 0.07)["top1"] == pytest.approx(expected)
+
+
+def test_probe_initialised_head_gives_the_probe_logits(vit):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, depth=2, num_classes=10,
+                              global_pool="avg").eval()
+    from torchvision import transforms as T
+    dataset = torch.utils.data.Subset(EmbeddedMNIST("train", T.ToTensor()), range(200))
+    accelerator = make_accelerator(TrainConfig(cpu=True))
+    probe_initialised_head(model, dataset, 10, accelerator, 50, 0)
+    images = torch.stack([dataset[i][0] for i in range(20)])
+    labels = torch.tensor([dataset[i][1] for i in range(200)])
+    with torch.no_grad():
+        features = PreLogits(model)(torch.stack([dataset[i][0] for i in range(200)]))
+        scale, linear, _, _ = fit_probe(features, labels, 10)
+        torch.testing.assert_close(model(images), linear(scale(features[:20])), rtol=1e-3, atol=1e-3)
+
+
+def test_reconstruction_of_gray_digits_is_gray_and_upscaled():
+    cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], [*TINY[2:], "model.img_size=28"])
+    method = build_method(cfg)
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    digits = torch.from_numpy(EmbeddedMNIST("val").images[:2] / 255.0).float()[:, None].expand(-1, 3, -1, -1)
+    picture = reconstruction_grid(method, (digits - mean) / std, cfg.data.mean, cfg.data.std)
+    assert torch.equal(picture[0], picture[1]) and torch.equal(picture[1], picture[2])
+    assert picture.shape[-1] >= 4 * 96 and picture.shape[-2] >= 2 * 96
+    colour = torch.rand(2, 3, 28, 28)
+    tinted = reconstruction_grid(method, (colour - mean) / std, cfg.data.mean, cfg.data.std)
+    assert not torch.equal(tinted[0], tinted[1])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "run"
+    pretrain(TINY + [f"train.output_dir={run}", "train.max_steps=2"])
+    return run
+
+
+def test_logistic_linprobe_on_a_label_subset_trains_on_that_subset_only(pretrained, tmp_path):
+    results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained), "data.labels_per_class=3",
+                             f"train.output_dir={tmp_path / 'lp'}", *FAST])
+    assert results["mode"] == "logistic" and results["train_samples"] == 30
+    assert results["features"] == "avg" and results["blocks"] == 2
+    assert 0 <= results["last"]["val_top1"] <= 100 and "knn_top1" in results
+    assert json.loads((tmp_path / "lp/results.json").read_text())["best"]["l2"] == results["best"]["l2"]
+
+
+def test_label_subset_on_shards_is_one_clear_error(pretrained, tmp_path, capsys):
+    code = finetune.cli(["--config", "tiny_finetune_cpu", "--from", str(pretrained), "data.label_fraction=0.1",
+                         "data.shards=a.tar", "data.val_shards=b.tar", f"train.output_dir={tmp_path}", *FAST])
+    assert code == 2 and "map-style source" in capsys.readouterr().err
+
+
+def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
+    out = tmp_path / "quality"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/quality.py"), "--budget", "smoke", "--out",
+                           str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "quality.json").read_text())
+    assert set(results["rows"]) == {"raw_pixels", "mae_vit", "random_vit", "mae_swin", "random_swin"}
+    for key in ("mae_vit", "random_vit", "mae_swin", "random_swin"):
+        for column in ("probe", "knn", "finetune"):
+            assert 0 <= results["rows"][key]["10%"][column] <= 100
+        assert 0 <= results["rows"][key]["1%"]["probe"] <= 100 and "finetune" not in results["rows"][key]["1%"]
+    assert results["rows"]["raw_pixels"]["10%"]["probe"] > 70
+    assert results["curves"]["mae_vit"] and "launch/linprobe.py" in results["commands"]["mae_vit/probe_10%"]
+    table = (out / "quality.md").read_text()
+    assert "| MAE ViT |" in table and "raw pixels" in table and table in done.stdout
+    assert (out / "quality_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
