@@ -74,7 +74,7 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1, ["train.max_steps=4", "train.epochs=1"],
                     ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"], 2, toy=True),
-    "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,)),
+    "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
 }
 
