@@ -134,7 +134,7 @@ class Bench:
                 *subset_overrides(fraction), *length, *(["random_init=true"] if random else []),
                 *self.budget.finetune]
         run = self.call(tag, finetune, "finetune", argv)
-        return {"finetune": run["result"]["last"]["val_top1"], "seconds": run["seconds"]}
+        return {"finetune": run["result"]["last"]["val_top1"], "finetune_s": run["seconds"]}
 
     def evaluate(self, key: str, source: Path, random: bool) -> Dict[str, Any]:
         row: Dict[str, Any] = {}
@@ -224,7 +224,8 @@ def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
             for label in labels:
                 value = row.get(label, {}).get(column)
                 cells.append("–" if value is None else f"{value:.1f}")
-        seconds = row.get("pretrain_s", 0.0) + sum(row.get(label, {}).get("seconds", 0.0) for label in labels)
+        seconds = row.get("pretrain_s", 0.0) + sum(row.get(label, {}).get(key, 0.0) for label in labels
+                                                   for key in ("seconds", "finetune_s"))
         cells.append(f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
