@@ -108,7 +108,7 @@ def test_visualize_writes_pictures_of_the_expected_size_for_any_images(run, tmp_
     assert main(["visualize", "--from", str(checkpoint), "--images", str(images), "--out", str(out),
                  "--per-picture", "4"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["reconstruction_000.png", "reconstruction_001.png"]
-    tile = 3 * 32 + 2  # 32-px images upscaled 3x to be legible, 2-px padding; columns: original | masked | recon | pasted
+    tile = 3 * 32 + 2  # 32-px images upscaled 3x, 2-px padding; columns: original | masked | recon | pasted
     with Image.open(out / "reconstruction_000.png") as first, Image.open(out / "reconstruction_001.png") as second:
         assert first.size == (4 * tile + 2, 4 * tile + 2)
         assert second.size == (4 * tile + 2, 2 * tile + 2)  # 6 readable images, 4 per picture

@@ -11,7 +11,7 @@ import timm
 import torch
 from conftest import REPO, TINY
 
-from mimswin.config import PretrainConfig, load_config
+from mimswin.config import PretrainConfig, TrainConfig, load_config
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import balanced_split, labeled_subset
 from mimswin.errors import ConfigError
@@ -25,7 +25,6 @@ from mimswin.eval.pooling import ProbeFeatures
 from mimswin.models import build_method
 from mimswin.pretrain import main as pretrain
 from mimswin.train.loop import make_accelerator
-from mimswin.config import TrainConfig
 from mimswin.viz import reconstruction_grid
 
 sys.path.insert(0, str(REPO / "benchmarks"))

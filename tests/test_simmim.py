@@ -11,7 +11,8 @@ from mimswin.masking import mask_from_hidden, unit_mask
 from mimswin.models import SimMIM, build_method
 
 SWIN = ("tiny_simmim_swin_cpu", [])
-VIT = ("tiny_mae_vit_cpu", ["method=simmim", "model.img_size=32", "mask.unit=8", "mask.ratio=0.6", "model.kwargs={depth: 2}"])
+VIT = ("tiny_mae_vit_cpu", ["method=simmim", "model.img_size=32", "mask.unit=8", "mask.ratio=0.6",
+                           "model.kwargs={depth: 2}"])
 QUICK = ["data.batch_size=16", "data.num_workers=0", "train.progress=false"]
 
 

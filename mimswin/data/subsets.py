@@ -27,18 +27,23 @@ def per_class_count(size: int, fraction: Optional[float], per_class: Optional[in
     return min(size, max(1, round(fraction * size)))
 
 
-def labeled_subset(labels: torch.Tensor, fraction: Optional[float] = None, per_class: Optional[int] = None,
-                   seed: int = 0) -> torch.Tensor:
-    """Sorted indices of a class-balanced subset: `per_class` samples of each class, or `fraction` of each (at least
-    one). With neither, every index."""
+def check_subset_size(fraction: Optional[float], per_class: Optional[int]) -> None:
+    """One clear error for a subset size that cannot be taken (both given, a fraction outside (0, 1], a count < 1)."""
     if fraction is not None and per_class is not None:
         raise ConfigError("config keys 'data.label_fraction' and 'data.labels_per_class': give one, not both")
-    if fraction is None and per_class is None:
-        return torch.arange(len(labels))
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"config key 'data.label_fraction': must be in (0, 1], got {fraction}")
     if per_class is not None and per_class < 1:
         raise ConfigError(f"config key 'data.labels_per_class': must be >= 1, got {per_class}")
+
+
+def labeled_subset(labels: torch.Tensor, fraction: Optional[float] = None, per_class: Optional[int] = None,
+                   seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-balanced subset: `per_class` samples of each class, or `fraction` of each (at least
+    one). With neither, every index."""
+    check_subset_size(fraction, per_class)
+    if fraction is None and per_class is None:
+        return torch.arange(len(labels))
     chosen = [order[:per_class_count(len(order), fraction, per_class)] for order in class_orders(labels, seed)]
     return torch.cat(chosen).sort().values
 

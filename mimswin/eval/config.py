@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mimswin.config import DataConfig, OptimConfig, TrainConfig
+from mimswin.data.subsets import check_subset_size
 from mimswin.errors import ConfigError
 from mimswin.eval.pooling import FEATURES
 
@@ -59,7 +60,7 @@ class FeatureConfig:
 
 @dataclass
 class LogisticConfig:
-    """`mode: logistic`: the L2 penalty strengths tried (picked on a class-balanced `holdout` fraction of the train split)."""
+    """`mode: logistic`: the L2 penalty strengths tried, picked on a class-balanced `holdout` fraction of train."""
 
     penalties: List[float] = field(default_factory=lambda: list(L2_GRID))
     holdout: float = 0.1
@@ -125,9 +126,7 @@ def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
     _check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
            "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
     fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class
-    _check(fraction is None or per_class is None, "data.label_fraction", "give it or data.labels_per_class, not both")
-    _check(fraction is None or 0 < fraction <= 1, "data.label_fraction", f"must be in (0, 1], got {fraction}")
-    _check(per_class is None or per_class >= 1, "data.labels_per_class", f"must be >= 1, got {per_class}")
+    check_subset_size(fraction, per_class)
     _check((fraction is None and per_class is None) or cfg.data.shards is None, "data.label_fraction",
            "labeled subsets need a map-style source (the embedded set or an image folder), not data.shards")
     if isinstance(cfg, FinetuneConfig):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from mimswin.data.transforms import eval_transform
+from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.eval.common import start_run
 from mimswin.eval.data import LabeledData, labeled_pair, rank_loader
 from mimswin.eval.pooling import ProbeFeatures
@@ -72,10 +72,11 @@ def probe_encoder(source: EncoderWeights, cfg: "LinprobeConfig") -> Tuple[ProbeF
     """The frozen feature reader of a probe or k-NN run: the plain timm model of the checkpoint (class-token pooling
     where it has one, so the pretrained final norm is kept) wrapped to pool as `features` asks.
     Returns (features module, timm kwargs, timm name, load report)."""
-    pool = cfg.model.global_pool or ("token" if "cls_token" in source.weights else "avg")
+    has_token = "cls_token" in source.weights
+    pool = cfg.model.global_pool or ("token" if has_token else "avg")
     model, kwargs, name, report = build_classifier(source, replace(cfg.model, global_pool=pool), 0,
                                                    pretrained=not cfg.random_init)
-    features = ProbeFeatures(model, feature_pool(cfg, "cls_token" in source.weights), cfg.features.blocks)
+    features = ProbeFeatures(model, feature_pool(cfg, has_token), cfg.features.blocks)
     return features.requires_grad_(False).eval(), kwargs, name, report
 
 
@@ -95,15 +96,16 @@ class FrozenRun:
     plain: Callable
 
 
-def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None,
-                    train_transform: Optional[Callable] = None) -> FrozenRun:
-    """Read the encoder, start the run, build both splits (train through `train_transform`, else the plain eval view)
-    and the frozen feature reader on the run's device."""
+def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None, augment: bool = False) -> FrozenRun:
+    """Read the encoder, start the run, build both splits (train augmented as in pretraining with `augment`, else the
+    plain eval view) and the frozen feature reader on the run's device."""
     source = read_encoder_weights(cfg.checkpoint)
     accelerator, run_dir, checkpoint = start_run(cfg, resume)
     img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
     plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
-    train_set, val_set, num_classes = labeled_pair(cfg.data, train_transform or plain, plain)
+    train_transform = (pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
+                       if augment else plain)
+    train_set, val_set, num_classes = labeled_pair(cfg.data, train_transform, plain)
     set_seed(cfg.train.seed)
     encoder, kwargs, name, report = probe_encoder(source, cfg)
     accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}; "

@@ -1,7 +1,8 @@
 """Fine-tuning program: the plain timm classifier of a pretrained encoder, trained end to end with timm's recipe parts.
 
-Optionally a probe-initialised head (`head_init: probe`, LP-FT), layer-wise lr decay, drop path, RandAugment, Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup +
-cosine per step; top-1/top-5 on the val split each epoch; last checkpoint (resumable) and best weights (`best/`).
+Optionally a probe-initialised head (`head_init: probe`, LP-FT), layer-wise lr decay, drop path, RandAugment,
+Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup + cosine per step; top-1/top-5 on the val split
+each epoch; last checkpoint (resumable) and best weights (`best/`).
 """
 
 from __future__ import annotations

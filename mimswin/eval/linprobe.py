@@ -20,9 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from timm.optim import Lars
 from torch import nn
-from torch.utils.data import Dataset
 
-from mimswin.data.transforms import pretrain_transform
 from mimswin.eval.common import EvaluateEachEpoch, Stopwatch, log_record, parse_eval_args, write_results
 from mimswin.eval.config import LinprobeConfig
 from mimswin.eval.data import feature_dataset, labeled_pair, train_loader
@@ -30,7 +28,6 @@ from mimswin.eval.features import FrozenRun, encode_splits, open_frozen_run
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.logistic import logistic_probe
 from mimswin.eval.pooling import ProbeFeatures, pooled_features
-from mimswin.eval.weights import read_encoder_weights
 from mimswin.program import run_cli
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_scheduler, scaled_lr
@@ -112,11 +109,7 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
                    ) -> Tuple[Trainer, EvaluateEachEpoch, Optional[KnnAtEnd], Stopwatch]:
     """Everything a trained-head probe run (`mae` or `cached`) needs, wired and (with `resume`) restored, ready for
     `fit()`; in cached mode the features are computed here (again on resume: the frozen encoder gives the same ones)."""
-    augmented = None
-    if cfg.mode == "mae":
-        img_size = cfg.model.img_size or read_encoder_weights(cfg.checkpoint).timm_kwargs.get("img_size", 224)
-        augmented = pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
-    run = open_frozen_run(cfg, resume, augmented)
+    run = open_frozen_run(cfg, resume, augment=cfg.mode == "mae")
     accelerator = run.accelerator
     probe = FrozenEncoderProbe(run.encoder, run.num_classes).to(accelerator.device)
     watch = Stopwatch()
@@ -172,8 +165,7 @@ def run_logistic(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
     run = open_frozen_run(cfg)
     watch = Stopwatch()
     with watch.time("features_s"):
-        features = encode_splits(run, cfg)
-    f = features
+        f = encode_splits(run, cfg)
     with watch.time("train_s"):
         probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
                                cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed, cfg.logistic.max_iter)

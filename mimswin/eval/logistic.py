@@ -65,12 +65,13 @@ def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, l2
     scale = Standardize(train_x)
     train_x = scale(train_x)
     fit_idx, held_idx = balanced_split(train_y, holdout, seed)
+    strongest_first = sorted(l2_grid, reverse=True)  # each fit warm-starts the next, weaker one
     sweep: Dict[str, float] = {}
     linear = None
-    for l2 in sorted(l2_grid, reverse=True):
+    for l2 in strongest_first:
         linear = fit_linear(train_x[fit_idx], train_y[fit_idx], num_classes, l2, max_iter, init=linear)
         sweep[f"{l2:g}"] = _accuracy(linear, train_x[held_idx], train_y[held_idx]) if len(held_idx) else 0.0
-    best = max(sorted(l2_grid, reverse=True), key=lambda l2: sweep[f"{l2:g}"])
+    best = max(strongest_first, key=lambda l2: sweep[f"{l2:g}"])
     return scale, fit_linear(train_x, train_y, num_classes, best, max_iter), best, sweep
 
 

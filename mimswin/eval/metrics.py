@@ -22,10 +22,8 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     """Top-1 and top-5 (%), k capped at the class count."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    count = max(1, len(labels))
-    return {"top1": 100.0 * hits[:, 0].sum().item() / count, "top5": 100.0 * hits.any(dim=1).sum().item() / count}
+    top1, top5 = (100.0 * topk_correct(logits, labels) / max(1, len(labels))).tolist()
+    return {"top1": top1, "top5": top5}
 
 
 @torch.no_grad()
