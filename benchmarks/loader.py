@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mimswin.config import PretrainConfig, load_config  # noqa: E402
 from mimswin.data.build import build_pretrain_data  # noqa: E402
-from mimswin.data.shards import write_shards  # noqa: E402
+from mimswin.data.shard_write import write_shards  # noqa: E402
 from mimswin.models import build_method  # noqa: E402
 from mimswin.train.optim import build_optimizer  # noqa: E402
 

@@ -23,13 +23,12 @@ from typing import Any, Dict, List, Sequence
 import torch
 import yaml
 
-from mimswin import pretrain
 from mimswin.config import PretrainConfig, load_config
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import labeled_subset
-from mimswin.eval import finetune, linprobe
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.logistic import logistic_probe
+from mimswin.programs import finetune, linprobe, pretrain
 
 CLASSES = 10
 TRAIN_PER_CLASS = 400  # the embedded train split: 4000 images, 400 of each digit

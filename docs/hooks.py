@@ -48,7 +48,7 @@ def mask_pictures() -> dict:
     from PIL import Image
 
     from mimswin.data.sources import EmbeddedMNIST
-    from mimswin.masking import random_mask
+    from mimswin.models.masking import random_mask
 
     digit = EmbeddedMNIST("val")[0][0].resize((192, 192), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(digit).copy()).float() / 255  # [192, 192, 3]
@@ -96,7 +96,7 @@ def preset_table() -> str:
 def on_files(files, config, **kwargs):
     from mkdocs.structure.files import File
 
-    from mimswin.config_reference import reference_markdown
+    from mimswin.config.reference import reference_markdown
 
     files.append(File.generated(config, "config-reference.md", content=reference_markdown()))
     for path, data in mask_pictures().items():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mimswin.eval.linprobe import cli  # noqa: E402
+from mimswin.programs.linprobe import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

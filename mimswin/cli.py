@@ -7,13 +7,14 @@ import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
-    "pretrain": ("mimswin.pretrain", "masked image modeling pretraining (MAE, SimMIM)"),
-    "finetune": ("mimswin.eval.finetune", "fine-tune a pretrained encoder on labelled images"),
-    "linprobe": ("mimswin.eval.linprobe", "linear probe on frozen encoder features"),
-    "shards": ("mimswin.data.shards", "write webdataset shards from an image folder"),
-    "export": ("mimswin.export", "write a run's encoder for plain timm (--format timm|safetensors)"),
-    "visualize": ("mimswin.visualize", "reconstruction pictures of any images (--from RUN --images DIR)"),
-    "bench": ("mimswin.bench", "throughput and memory benchmarks"),
+    "pretrain": ("mimswin.programs.pretrain", "masked image modeling pretraining (MAE, SimMIM)"),
+    "finetune": ("mimswin.programs.finetune", "fine-tune a pretrained encoder on labelled images"),
+    "linprobe": ("mimswin.programs.linprobe", "linear probe on frozen encoder features"),
+    "knn": ("mimswin.programs.knn", "weighted k-NN on frozen encoder features"),
+    "shards": ("mimswin.programs.shards", "write webdataset shards from an image folder"),
+    "export": ("mimswin.programs.export", "write a run's encoder for plain timm (--format timm|safetensors)"),
+    "visualize": ("mimswin.programs.visualize", "reconstruction pictures of any images (--from RUN --images DIR)"),
+    "bench": ("mimswin.programs.bench", "throughput and memory benchmarks"),
 }
 
 

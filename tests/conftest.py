@@ -22,7 +22,7 @@ TINY = ["--config", TINY_PRESET, *TINY_OVERRIDES]
 def pretrain_briefly(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], steps: int,
                      save_every: int) -> tuple:
     """An in-process pretraining run of `steps` steps logging every step; returns (trainer, run dir)."""
-    from mimswin.pretrain import main
+    from mimswin.programs.pretrain import main
 
     run = tmp_path_factory.mktemp(name) / "run"
     trainer = main([*args, f"train.output_dir={run}", f"train.max_steps={steps}", "train.log_every=1",
@@ -32,7 +32,7 @@ def pretrain_briefly(tmp_path_factory: pytest.TempPathFactory, name: str, args: 
 
 def loss_at_both_ends(run: Path, steps: int, window: int) -> tuple[float, float]:
     """Mean logged loss of the first and of the last `window` steps of a run that logged each of its `steps`."""
-    from mimswin.train.rundir import read_metrics
+    from mimswin.runs.layout import read_metrics
 
     losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl")]
     assert len(losses) == steps

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mimswin.bench import (
+from mimswin.programs.bench import (
     BUILDERS,
     HF_ROWS,
     PRESETS,

@@ -13,9 +13,9 @@ import yaml
 from conftest import TINY
 from PIL import Image
 
-from mimswin.cli import main
+from mimswin.cli import SUBCOMMANDS, main
 from mimswin.config import list_presets
-from mimswin.pretrained import load_pretrain_run
+from mimswin.runs.open import load_pretrain_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,8 +34,16 @@ def encoder_of(run):
 def test_help_lists_every_subcommand_and_preset(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for word in ("pretrain", "finetune", "linprobe", "shards", "export", "visualize", "bench", *list_presets()):
+    for word in ("pretrain", "finetune", "linprobe", "knn", "shards", "export", "visualize", "bench", *list_presets()):
         assert word in text
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_every_subcommand_reaches_its_program(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([name, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith("usage:")
 
 
 def test_console_script_points_at_main_and_help_imports_no_program():

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from conftest import REPO, TINY
 
-from mimswin.train.rundir import read_metrics
+from mimswin.runs.layout import read_metrics
 
 PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
 

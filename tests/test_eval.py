@@ -12,19 +12,21 @@ from conftest import TINY
 from PIL import Image
 
 from mimswin.config import OptimConfig, TrainConfig
-from mimswin.data.shards import write_shards
-from mimswin.eval import finetune, knn, linprobe
-from mimswin.eval.common import EvaluateEachEpoch
-from mimswin.eval.config import ClassifierConfig
-from mimswin.eval.linprobe import FrozenEncoderProbe
+from mimswin.config.evaluation import ClassifierConfig
+from mimswin.data.shard_write import write_shards
+from mimswin.eval.callbacks import EvaluateEachEpoch
+from mimswin.eval.classifier import build_classifier, classifier_kwargs
+from mimswin.eval.knn import knn_accuracy, knn_predict
 from mimswin.eval.metrics import evaluate, topk_correct
-from mimswin.eval.weights import build_classifier, classifier_kwargs, read_encoder_weights
-from mimswin.export import export_encoder, read_export
-from mimswin.pretrain import main as pretrain
-from mimswin.train.loop import make_accelerator
+from mimswin.programs import finetune, knn, linprobe
+from mimswin.programs.linprobe import FrozenEncoderProbe
+from mimswin.programs.pretrain import main as pretrain
+from mimswin.runs.export import export_encoder, read_export
+from mimswin.runs.layout import read_metrics
+from mimswin.runs.open import read_encoder_weights
+from mimswin.signals import EXIT_PREEMPTED
 from mimswin.train.optim import build_optimizer, build_scheduler
-from mimswin.train.preemption import EXIT_PREEMPTED
-from mimswin.train.rundir import read_metrics
+from mimswin.train.setup import make_accelerator
 
 FAST = ["data.batch_size=16", "data.num_workers=0", "train.progress=false", "train.log_every=1"]
 
@@ -124,10 +126,10 @@ def test_knn_matches_a_brute_force_reference():
     generator = torch.Generator().manual_seed(0)
     train, query = torch.randn(60, 8, generator=generator), torch.randn(9, 8, generator=generator)
     train_labels = torch.randint(0, 4, (60,), generator=generator)
-    scores = knn.knn_predict(train, train_labels, query, 4, k=7, temperature=0.1)
+    scores = knn_predict(train, train_labels, query, 4, k=7, temperature=0.1)
     reference = brute_force_knn(train, train_labels, query.numpy(), 4, 7, 0.1)
     torch.testing.assert_close(scores.double(), reference, rtol=1e-4, atol=1e-4)
-    accuracy = knn.knn_accuracy(train, train_labels, query, reference.argmax(1), 4, 7, 0.1)
+    accuracy = knn_accuracy(train, train_labels, query, reference.argmax(1), 4, 7, 0.1)
     assert accuracy["top1"] == 100.0
 
 
@@ -290,7 +292,7 @@ def test_bad_from_gives_one_line_errors(program, pretrained, tmp_path, capsys):
 
 def test_embedded_split_is_fixed_disjoint_and_holds_every_class():
     from mimswin.config import DataConfig
-    from mimswin.eval.data import labeled_pair
+    from mimswin.data.labeled import labeled_pair
     train, val, classes = labeled_pair(DataConfig(), None, None)
     again, _, _ = labeled_pair(DataConfig(), None, None)
     assert (len(train), len(val), classes) == (4000, 1000, 10)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fsdp_step import plugin_from  # noqa: E402
 
 from mimswin.errors import ConfigError  # noqa: E402
-from mimswin.train.loop import check_distribution  # noqa: E402
+from mimswin.train.setup import check_distribution  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "accelerate"

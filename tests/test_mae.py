@@ -4,11 +4,11 @@ from conftest import TINY_OVERRIDES, TINY_PRESET
 from torch import nn
 
 from mimswin.config import PretrainConfig, load_config
-from mimswin.masking import random_mask
 from mimswin.models import build_method
+from mimswin.models.masking import random_mask
+from mimswin.models.patches import patchify
 from mimswin.models.pos_embed import sincos_2d
 from mimswin.models.tokens import gather_tokens, scatter_tokens
-from mimswin.patches import patchify
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mimswin.masking import mask_from_hidden, num_visible, random_mask
+from mimswin.models.masking import mask_from_hidden, num_visible, random_mask
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])

@@ -1,6 +1,6 @@
 import torch
 
-from mimswin.patches import denormalize_prediction, patch_stats, patchify, pixel_targets, unpatchify
+from mimswin.models.patches import denormalize_prediction, patch_stats, patchify, pixel_targets, unpatchify
 
 
 def test_patchify_unpatchify_round_trip():

@@ -10,9 +10,9 @@ from conftest import TINY_OVERRIDES, TINY_PRESET
 
 from mimswin.config import OptimConfig, PretrainConfig, load_config
 from mimswin.errors import ConfigError
-from mimswin.masking import random_mask
 from mimswin.models import build_method
-from mimswin.pretrain import build_trainer
+from mimswin.models.masking import random_mask
+from mimswin.programs.pretrain import build_trainer
 from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import apply_model_flags, enable_grad_checkpointing, optimizer_kwargs
 

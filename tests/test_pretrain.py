@@ -7,9 +7,9 @@ import timm
 import torch
 from conftest import TINY, loss_at_both_ends, pretrain_briefly
 
-from mimswin.export import load_exported_timm, read_export
-from mimswin.pretrain import cli, main
-from mimswin.train.rundir import read_metrics
+from mimswin.programs.pretrain import cli, main
+from mimswin.runs.export import load_exported_timm, read_export
+from mimswin.runs.layout import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,20 @@ import torch
 from conftest import REPO, TINY
 
 from mimswin.config import PretrainConfig, TrainConfig, load_config
+from mimswin.config.evaluation import LabeledDataConfig
+from mimswin.data.labeled import labeled_pair
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import balanced_split, labeled_subset
 from mimswin.errors import ConfigError
-from mimswin.eval import finetune, linprobe
-from mimswin.eval.config import LabeledDataConfig
-from mimswin.eval.data import labeled_pair
 from mimswin.eval.head_init import PreLogits, probe_initialised_head
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.logistic import Standardize, fit_probe, folded, logistic_probe
+from mimswin.eval.pictures import reconstruction_grid
 from mimswin.eval.pooling import ProbeFeatures
 from mimswin.models import build_method
-from mimswin.pretrain import main as pretrain
-from mimswin.train.loop import make_accelerator
-from mimswin.viz import reconstruction_grid
+from mimswin.programs import finetune, linprobe
+from mimswin.programs.pretrain import main as pretrain
+from mimswin.train.setup import make_accelerator
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import quality  # noqa: E402

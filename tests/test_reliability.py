@@ -15,12 +15,13 @@ import safetensors.torch
 import torch
 from conftest import REPO, TINY
 
-import mimswin.train.checkpoint as checkpoint
+import mimswin.runs.checkpoint as checkpoint
+import mimswin.runs.discovery as discovery
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import CheckpointError, TrainingError
-from mimswin.pretrain import build_trainer, cli, main
-from mimswin.train.preemption import EXIT_PREEMPTED, Preempted
-from mimswin.train.rundir import read_metrics
+from mimswin.programs.pretrain import build_trainer, cli, main
+from mimswin.runs.layout import read_metrics
+from mimswin.signals import EXIT_PREEMPTED, Preempted
 
 KILLABLE = Path(__file__).parent / "helpers" / "killable_pretrain.py"
 COMMON = TINY + ["train.max_steps=9", "train.save_every=3", "train.keep_last=10", "train.log_every=1"]
@@ -63,7 +64,7 @@ def test_sigkill_mid_step_mid_save_and_before_latest_then_resume_equals_uninterr
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert "starting fresh" in killed.stdout
     assert step_dirs(run) == [] and (run / "checkpoints" / ".tmp-step_00000003").is_dir()
-    assert checkpoint.resumable_checkpoint(run / "checkpoints") is None
+    assert discovery.resumable_checkpoint(run / "checkpoints") is None
 
     killed = run_killable("publish", 6, run, "--resume")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -92,7 +93,7 @@ def test_sigterm_to_the_process_group_saves_at_the_step_boundary_exits_75_and_re
     out, err = process.communicate(timeout=300)
     assert process.returncode == EXIT_PREEMPTED, err[-2000:]
     assert "stopped by SIGTERM" in out and "--resume" in out
-    saved = json.loads((checkpoint.latest_checkpoint(run / "checkpoints") / "state.json").read_text())
+    saved = json.loads((discovery.latest_checkpoint(run / "checkpoints") / "state.json").read_text())
     assert saved["step"] == read_metrics(run / "metrics.jsonl")[-1]["step"] >= 2
 
     trainer = main(args[:-3] + [f"train.max_steps={saved['step'] + 2}", "train.log_every=1", "--resume"])
@@ -197,8 +198,8 @@ def test_retention_keeps_the_last_k_every_mth_and_latest_and_clears_leftovers(tm
     (root / ".tmp-step_00000011").mkdir()
     (root / ".latest.abc").write_text("step_0")
     (root / "latest").write_text("step_00000005")
-    checkpoint.remove_stale(root)
-    checkpoint.prune_checkpoints(root, keep_last=2, keep_every=4)
+    discovery.remove_stale(root)
+    discovery.prune_checkpoints(root, keep_last=2, keep_every=4)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004", "step_00000005", "step_00000008",
                                                       "step_00000009", "step_00000010"]
 
@@ -214,8 +215,8 @@ def test_damaged_latest_falls_back_to_the_previous_good_one_with_a_warning(tmp_p
     middle.write_bytes(bytes(data))
 
     with pytest.raises(CheckpointError, match=r"step_00000009' is damaged: model.safetensors has \d+ bytes"):
-        checkpoint.resolve_checkpoint(newest.parent)
-    assert checkpoint.resumable_checkpoint(run / "checkpoints").name == "step_00000003"
+        discovery.resolve_checkpoint(newest.parent)
+    assert discovery.resumable_checkpoint(run / "checkpoints").name == "step_00000003"
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 2 and "step_00000009' is damaged (model.safetensors has" in warnings[0]
     assert "step_00000006' is damaged (optimizer.pt does not match the SHA-256" in warnings[1]
@@ -231,7 +232,7 @@ def test_only_damaged_checkpoints_are_an_error_not_a_silent_fresh_start(tmp_path
     shutil.copytree(reference / "checkpoints" / "step_00000003", root / "step_00000003")
     (root / "step_00000003" / "rng_0.pt").unlink()
     with pytest.raises(CheckpointError, match=r"every checkpoint under '.*checkpoints' is damaged"):
-        checkpoint.resumable_checkpoint(root)
+        discovery.resumable_checkpoint(root)
     assert "rng_0.pt is missing" in capsys.readouterr().err
 
 
@@ -254,7 +255,7 @@ def test_a_pickle_that_would_run_code_is_refused_with_a_clear_error(tmp_path, re
     marker = tmp_path / "ran"
     torch.save({"state": HostilePickle(marker), "param_groups": []}, crafted / "optimizer.pt")
     state = json.loads((crafted / "state.json").read_text())
-    (crafted / "state.json").write_text(json.dumps(dict(state, files=checkpoint.file_manifest(crafted))))
+    (crafted / "state.json").write_text(json.dumps(dict(state, files=discovery.file_manifest(crafted))))
 
     code, line = last_error_line(cli(TINY + [f"train.output_dir={tmp_path / 'run'}", "--resume", str(crafted)]),
                                  capsys)
@@ -297,7 +298,7 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint_and_says_so(small_d
     assert code == 2 and line == (f"mimswin: error: cannot save checkpoint '{root / 'step_00000004'}': No space left "
                                   f"on device; the previous checkpoint '{root / 'step_00000002'}' is intact")
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
-    assert checkpoint.checkpoint_damage(root / "step_00000002") is None
+    assert discovery.checkpoint_damage(root / "step_00000002") is None
 
 
 @pytest.mark.parametrize("override, words", [
@@ -322,6 +323,6 @@ def test_an_output_dir_that_cannot_be_written_is_one_clear_error(tmp_path, capsy
 
 
 def test_bare_resume_flag_followed_by_an_override_means_auto():
-    from mimswin.pretrain import parse_args
+    from mimswin.programs.pretrain import parse_args
     args, overrides = parse_args(["--resume", "train.max_steps=3", "--config", "tiny_mae_vit_cpu"])
     assert args.resume == "auto" and overrides == ["train.max_steps=3"]

@@ -10,11 +10,11 @@ from PIL import Image
 
 from mimswin.data.build import EpochLoader
 from mimswin.data.sampler import ResumableDistributedSampler
-from mimswin.data.shard_reader import build_shard_loader, decode_sample, read_shard
-from mimswin.data.shards import cli as shards_cli
+from mimswin.data.shard_stream import build_shard_loader, decode_sample, read_shard
 from mimswin.data.sources import ImageFolder, to_rgb
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.errors import DataError
+from mimswin.programs.shards import cli as shards_cli
 
 CPU = torch.device("cpu")
 TO_8PX = eval_transform(8, [0.5] * 3, [0.5] * 3)

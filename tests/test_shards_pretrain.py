@@ -13,8 +13,8 @@ from conftest import REPO, TINY
 from PIL import Image
 
 from mimswin.data.sources import EmbeddedMNIST
-from mimswin.pretrain import cli, main
-from mimswin.train.rundir import read_metrics
+from mimswin.programs.pretrain import cli, main
+from mimswin.runs.layout import read_metrics
 
 PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
 

@@ -6,9 +6,9 @@ from conftest import loss_at_both_ends, pretrain_briefly
 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError
-from mimswin.export import load_exported_timm
-from mimswin.masking import mask_from_hidden, unit_mask
 from mimswin.models import SimMIM, build_method
+from mimswin.models.masking import mask_from_hidden, unit_mask
+from mimswin.runs.export import load_exported_timm
 
 SWIN = ("tiny_simmim_swin_cpu", [])
 VIT = ("tiny_mae_vit_cpu", ["method=simmim", "model.img_size=32", "mask.unit=8", "mask.ratio=0.6",

@@ -9,12 +9,12 @@ from torch import nn
 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError
-from mimswin.export import load_exported_timm, read_export
-from mimswin.masking import random_mask
 from mimswin.models import build_method
+from mimswin.models.create import timm_kwargs
 from mimswin.models.decoders import MAEDecoder
+from mimswin.models.masking import random_mask
 from mimswin.models.swin import HIDDEN_KEY_BIAS, VisibleSwin
-from mimswin.models.vit import timm_kwargs
+from mimswin.runs.export import load_exported_timm, read_export
 
 # 3 stages (patch 2, 56 px: token grids 28, 14, 7) with window 7, shift 3: windows straddle the 8 px cells.
 STRADDLE = ["model.img_size=56", "model.patch_size=2",

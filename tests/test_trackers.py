@@ -13,9 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError
-from mimswin.pretrain import main
-from mimswin.trackers import log_picture
-from mimswin.train.rundir import read_metrics
+from mimswin.programs.pretrain import main
+from mimswin.runs.layout import read_metrics
+from mimswin.train.trackers import log_picture
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from wandb_records import history_rows  # noqa: E402

@@ -9,11 +9,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimswin.config import DataConfig
 from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
-from mimswin.data.shard_reader import ShardLoader, build_shard_loader, shard_preview
+from mimswin.data.shard_stream import ShardLoader, build_shard_loader, shard_preview
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_counting_skips
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.errors import DataError
-from mimswin.train.preemption import ignore_stop_signals
+from mimswin.signals import ignore_stop_signals
 
 
 class EpochLoader:

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from mimswin.errors import ConfigError
+from mimswin.config.evaluation import check_subset_size
 
 
 def class_orders(labels: torch.Tensor, seed: int) -> List[torch.Tensor]:
@@ -25,16 +25,6 @@ def per_class_count(size: int, fraction: Optional[float], per_class: Optional[in
     if per_class is not None:
         return min(size, per_class)
     return min(size, max(1, round(fraction * size)))
-
-
-def check_subset_size(fraction: Optional[float], per_class: Optional[int]) -> None:
-    """One clear error for a subset size that cannot be taken (both given, a fraction outside (0, 1], a count < 1)."""
-    if fraction is not None and per_class is not None:
-        raise ConfigError("config keys 'data.label_fraction' and 'data.labels_per_class': give one, not both")
-    if fraction is not None and not 0 < fraction <= 1:
-        raise ConfigError(f"config key 'data.label_fraction': must be in (0, 1], got {fraction}")
-    if per_class is not None and per_class < 1:
-        raise ConfigError(f"config key 'data.labels_per_class': must be >= 1, got {per_class}")
 
 
 def labeled_subset(labels: torch.Tensor, fraction: Optional[float] = None, per_class: Optional[int] = None,

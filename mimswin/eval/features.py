@@ -13,15 +13,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mimswin.data.labeled import LabeledData, labeled_pair, rank_loader
 from mimswin.data.transforms import eval_transform, pretrain_transform
-from mimswin.eval.common import start_run
-from mimswin.eval.data import LabeledData, labeled_pair, rank_loader
+from mimswin.eval.classifier import LoadReport, build_classifier, describe_load, input_size
 from mimswin.eval.pooling import ProbeFeatures
-from mimswin.eval.weights import EncoderWeights, LoadReport, build_classifier, read_encoder_weights
-from mimswin.train.rundir import RunDir
+from mimswin.runs.layout import RunDir
+from mimswin.runs.open import EncoderWeights, read_encoder_weights
+from mimswin.train.setup import record_run, start_run
 
 if TYPE_CHECKING:
-    from mimswin.eval.config import LinprobeConfig
+    from mimswin.config.evaluation import LinprobeConfig
 
 
 @torch.no_grad()
@@ -100,16 +101,17 @@ def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None, augment
     """Read the encoder, start the run, build both splits (train augmented as in pretraining with `augment`, else the
     plain eval view) and the frozen feature reader on the run's device."""
     source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir, checkpoint = start_run(cfg, resume)
-    img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
+    accelerator, run_dir, checkpoint = start_run(cfg.train, resume)
+    record_run(accelerator, run_dir, cfg)
+    img_size = input_size(cfg.model, source)
     plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
     train_transform = (pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
                        if augment else plain)
     train_set, val_set, num_classes = labeled_pair(cfg.data, train_transform, plain)
     set_seed(cfg.train.seed)
     encoder, kwargs, name, report = probe_encoder(source, cfg)
-    accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}; "
-                      f"features {encoder.features} of the last {encoder.blocks} block(s), {encoder.num_features} wide")
+    accelerator.print(f"{describe_load(name, source, cfg.random_init, report)}; features {encoder.features} of the "
+                      f"last {encoder.blocks} block(s), {encoder.num_features} wide")
     return FrozenRun(accelerator, run_dir, checkpoint, train_set, val_set, num_classes,
                      encoder.to(accelerator.device), name, kwargs, plain)
 

@@ -10,8 +10,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import nn
 
+from mimswin.config.evaluation import L2_GRID
 from mimswin.data.subsets import balanced_split
-from mimswin.eval.config import L2_GRID
 from mimswin.eval.metrics import topk_accuracy
 
 STD_EPS = 1e-6

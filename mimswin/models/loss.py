@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from mimswin.masking import MaskSample
+from mimswin.models.masking import MaskSample
 
 LOSS_KINDS = ("mse", "l1")
 

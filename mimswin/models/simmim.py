@@ -13,10 +13,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimswin.errors import ConfigError
-from mimswin.masking import MaskSample, random_mask
 from mimswin.models.loss import MIMOutput, masked_loss
+from mimswin.models.masking import MaskSample, random_mask
+from mimswin.models.patches import patchify, pixel_targets
 from mimswin.models.swin import check_swin, output_stride, swin_forward_with_mask_token
-from mimswin.patches import patchify, pixel_targets
 
 
 class MaskTokenEncoder(nn.Module):

@@ -155,27 +155,11 @@ class VisibleSwin(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = check_swin(model)
-
-    @property
-    def patch_size(self) -> int:
-        return output_stride(self.model)
-
-    @property
-    def grid(self) -> tuple[int, int]:
+        self.patch_size = output_stride(self.model)
         img = self.model.patch_embed.img_size
-        return img[0] // self.patch_size, img[1] // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.num_features
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 0
+        self.grid = (img[0] // self.patch_size, img[1] // self.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.embed_dim, self.num_prefix_tokens = self.model.num_features, 0
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}

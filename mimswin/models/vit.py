@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional
+from typing import NamedTuple
 
-import timm
 import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -23,32 +22,6 @@ class EncoderOutput(NamedTuple):
     prefix: torch.Tensor
 
 
-def create_timm_encoder(
-    name: str, img_size: int, patch_size: Optional[int] = None, drop_path_rate: float = 0.0,
-    kwargs: Optional[Dict[str, Any]] = None,
-) -> nn.Module:
-    """A headless timm model, never downloading weights; the kwargs are the ones exported with the weights."""
-    options = timm_kwargs(img_size, patch_size, drop_path_rate, kwargs)
-    try:
-        return timm.create_model(name, pretrained=False, num_classes=0, **options)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(f"config key 'model.name': unknown timm model '{name}'") from None
-        raise
-    except TypeError as err:
-        raise ConfigError(f"config key 'model.kwargs': timm model '{name}' rejects {options}: {err}") from None
-
-
-def timm_kwargs(img_size: int, patch_size: Optional[int], drop_path_rate: float,
-                kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The keyword arguments that rebuild the same architecture with `timm.create_model(name, **kwargs)`."""
-    options: Dict[str, Any] = dict(img_size=img_size, **(kwargs or {}))
-    if patch_size:
-        options["patch_size"] = patch_size
-    options.setdefault("drop_path_rate", drop_path_rate)  # always explicit: timm's Swin defaults to 0.1
-    return options
-
-
 class MaskedViT(nn.Module):
     """Wraps `timm.create_model(name)`: `model` holds exactly the timm weights, `forward_masked` runs visible tokens."""
 
@@ -63,29 +36,13 @@ class MaskedViT(nn.Module):
         if model.patch_drop.__class__ is not nn.Identity or getattr(model, "dynamic_img_size", False):
             raise ConfigError("config key 'model.kwargs': patch_drop_rate and dynamic_img_size are not supported")
         self.model = model
+        self.grid: tuple[int, int] = tuple(model.patch_embed.grid_size)
+        self.patch_size: int = model.patch_embed.patch_size[0]
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.embed_dim, self.num_prefix_tokens = model.embed_dim, model.num_prefix_tokens
         table = sincos_2d(model.embed_dim, self.grid, model.num_prefix_tokens)
         model.pos_embed.data.copy_(table.unsqueeze(0))
         model.pos_embed.requires_grad_(False)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)
-
-    @property
-    def patch_size(self) -> int:
-        return self.model.patch_embed.patch_size[0]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.embed_dim
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.model.num_prefix_tokens
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}

@@ -10,16 +10,16 @@ from typing import Any, Callable, Dict, Iterable, Optional, Protocol, Tuple, Uni
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from timm.scheduler.scheduler import Scheduler
 from tqdm.auto import tqdm
 
 from mimswin.config import TrainConfig
 from mimswin.data.build import EpochLoader
-from mimswin.errors import CheckpointError, ConfigError, TrainingError
-from mimswin.train.checkpoint import latest_checkpoint, load_checkpoint, read_extra, save_checkpoint
-from mimswin.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopSignals, signal_name
-from mimswin.train.rundir import RunDir
+from mimswin.errors import CheckpointError, TrainingError
+from mimswin.runs.checkpoint import load_checkpoint, read_extra, save_checkpoint
+from mimswin.runs.discovery import latest_checkpoint
+from mimswin.runs.layout import RunDir
+from mimswin.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopSignals, signal_name
 
 LossFn = Callable[[torch.nn.Module, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
@@ -47,27 +47,6 @@ class Callback(Protocol):
     def on_epoch_end(self, trainer: "Trainer") -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-def check_distribution(accelerator: Accelerator) -> Accelerator:
-    """Refuse launches the loop cannot serve, before any step: under FSDP the pictures, the encoder export and the
-    optimizer checkpoint would need every rank (they read rank 0's state), so the run would hang or save a shard."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"launched with {accelerator.distributed_type.value}, which mimswin cannot train under yet: "
-                          "use DDP (launch/accelerate/multi_gpu.yaml or multi_node.yaml); see docs/scaling.md#fsdp")
-    return accelerator
-
-
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """CPU (gloo) when asked or when no GPU exists, so `torchrun --nproc_per_node 2` really runs two ranks on CPU."""
-    return check_distribution(Accelerator(
-        cpu=cfg.cpu or not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=cfg.log_with or None,
-        project_dir=cfg.output_dir,
-        step_scheduler_with_optimizer=False,
-    ))
 
 
 class Trainer:

@@ -15,8 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import mimswin.pretrain  # noqa: E402
-import mimswin.train.checkpoint as checkpoint  # noqa: E402
+import mimswin.programs.pretrain  # noqa: E402
+import mimswin.runs.checkpoint as checkpoint  # noqa: E402
 
 
 def die() -> None:
@@ -25,7 +25,7 @@ def die() -> None:
 
 
 def kill_during_step(step: int) -> None:
-    loss = mimswin.pretrain.pretrain_loss
+    loss = mimswin.programs.pretrain.pretrain_loss
     calls = [0]
 
     def counting_loss(model, batch):
@@ -34,7 +34,7 @@ def kill_during_step(step: int) -> None:
             die()
         return loss(model, batch)
 
-    mimswin.pretrain.pretrain_loss = counting_loss
+    mimswin.programs.pretrain.pretrain_loss = counting_loss
 
 
 def kill_during_save(step: int) -> None:
@@ -65,4 +65,4 @@ if __name__ == "__main__":
     where, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     {"step": kill_during_step, "save": kill_during_save, "publish": kill_before_latest,
      "none": lambda _: None}[where](step)
-    sys.exit(mimswin.pretrain.cli(argv))
+    sys.exit(mimswin.programs.pretrain.cli(argv))

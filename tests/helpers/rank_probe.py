@@ -10,7 +10,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from mimswin.pretrain import main  # noqa: E402
+from mimswin.programs.pretrain import main  # noqa: E402
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 

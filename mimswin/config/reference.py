@@ -1,34 +1,23 @@
 """The configuration reference page, generated from the config dataclasses so it can never drift from the schema.
 
-`python -m mimswin.config_reference` prints it; the docs build (docs/hooks.py) adds it to the site.
+`python -m mimswin.config.reference` prints it; the docs build (docs/hooks.py) adds it to the site.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
-# (program, "module:Class"): programs whose schema module is not present in this version are left out.
-SCHEMAS: Sequence[Tuple[str, str]] = (
-    ("pretrain", "mimswin.config:PretrainConfig"),
-    ("finetune", "mimswin.eval.config:FinetuneConfig"),
-    ("linprobe", "mimswin.eval.config:LinprobeConfig"),
+from mimswin.config.evaluation import FinetuneConfig, LinprobeConfig
+from mimswin.config.pretrain import PretrainConfig
+
+SCHEMAS: Sequence[Tuple[str, type]] = (
+    ("pretrain", PretrainConfig),
+    ("finetune", FinetuneConfig),
+    ("linprobe", LinprobeConfig),
 )
-
-
-def find_schema(target: str) -> Optional[type]:
-    """The dataclass named by `module:Class`, or None when that module or class does not exist."""
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is None or not module_name.startswith(err.name):
-            raise
-        return None
-    return getattr(module, class_name, None)
 
 
 def default_of(field: dataclasses.Field) -> Any:
@@ -82,12 +71,10 @@ def sections(schema: type) -> Iterator[Tuple[str, str, List[Tuple[str, str, str]
 def reference_markdown() -> str:
     """Every key of every program's config: type and default, grouped by section."""
     lines = ["# Configuration reference", "",
-             "Generated from the config schemas (`mimswin/config.py` and friends) at every docs build. How to set "
+             "Generated from the config schemas (`mimswin/config/`) at every docs build. How to set "
              "keys (presets, `key=value` overrides) is explained in [Configuration](configuration.md).", ""]
-    for program, target in SCHEMAS:
-        schema = find_schema(target)
-        if schema is None:
-            continue
+    for program, schema in SCHEMAS:
+        target = f"{schema.__module__}:{schema.__name__}"
         lines += [f"## {program}", "", f"`mimswin {program}` — schema `{target}`.", ""]
         for name, doc, table in sections(schema):
             lines += [f"### {name}", ""] + ([doc, ""] if doc else [])

@@ -29,7 +29,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from mimswin.data.sampler import sample_seed
 from mimswin.data.sources import to_rgb
 from mimswin.errors import DataError
-from mimswin.train.preemption import ignore_stop_signals
+from mimswin.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 SIZES_FILE = "sizes.json"

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from mimswin.patches import denormalize_prediction, unpatchify
-from mimswin.train.rundir import atomic_write_bytes
+from mimswin.models.patches import denormalize_prediction, unpatchify
+from mimswin.runs.files import atomic_write_bytes
 
 PICTURE_MASK_SEED = 0
 LEGIBLE_SIDE = 96  # tiles smaller than this are upscaled (nearest neighbour, whole factors) to at least this side

@@ -1,15 +1,14 @@
-"""Config schemas of the evaluation programs, reusing the data/optimizer/loop sections of pretraining."""
+"""The evaluation programs' configs (fine-tune, linear probe, k-NN), over the shared data/optimizer/loop sections."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from mimswin.config import DataConfig, OptimConfig, TrainConfig
-from mimswin.data.subsets import check_subset_size
+from mimswin.config.sections import DataConfig, OptimConfig, TrainConfig, check, check_sections
 from mimswin.errors import ConfigError
-from mimswin.eval.pooling import FEATURES
 
+FEATURES = ("cls", "avg", "cls+avg")
 POOLS = ("avg", "token")
 PROBE_MODES = ("logistic", "mae", "cached")
 HEAD_INITS = ("random", "probe")
@@ -67,6 +66,17 @@ class LogisticConfig:
     max_iter: int = 300
 
 
+def check_subset_size(fraction: Optional[float], per_class: Optional[int]) -> None:
+    """One clear error for a subset size that cannot be taken (both given, a fraction outside (0, 1], a count < 1)."""
+    if fraction is not None and per_class is not None:
+        raise ConfigError("config keys 'data.label_fraction' and 'data.labels_per_class': give one, not both")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ConfigError(f"config key 'data.label_fraction': must be in (0, 1], got {fraction}")
+    if per_class is not None and per_class < 1:
+        raise ConfigError(f"config key 'data.labels_per_class': must be >= 1, got {per_class}")
+
+
+
 @dataclass
 class LabeledDataConfig(DataConfig):
     """Pretraining's data section; labeled webdataset shards give the train split in `shards` and the validation split
@@ -79,8 +89,24 @@ class LabeledDataConfig(DataConfig):
     label_seed: int = 0
 
 
+def check_labeled(cfg: "FinetuneConfig | LinprobeConfig") -> None:
+    """Checks both evaluation programs share: pooling, eval crop, labeled shards and subsets, the common sections."""
+    pool = cfg.model.global_pool
+    check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
+    check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
+    check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
+          "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
+    fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class
+    check_subset_size(fraction, per_class)
+    check((fraction is None and per_class is None) or cfg.data.shards is None, "data.label_fraction",
+          "labeled subsets need a map-style source (the embedded set or an image folder), not data.shards")
+    check_sections(cfg.data, cfg.optim, cfg.train)
+
+
 @dataclass
 class FinetuneConfig:
+    """`mimswin finetune`: the pretrained encoder as a timm classifier, trained end to end."""
+
     checkpoint: Optional[str] = None
     random_init: bool = False
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(drop_path_rate=0.1))
@@ -95,9 +121,24 @@ class FinetuneConfig:
     eval_crop_pct: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, output_dir="runs/finetune"))
 
+    def validate(self) -> None:
+        """Semantic checks that types alone cannot express (run by `load_config`)."""
+        check_labeled(self)
+        check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        check(self.eval_every >= 1, "eval_every", f"must be >= 1 (epochs), got {self.eval_every}")
+        check(self.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}, got '{self.head_init}'")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
+              f"must be in (0, 1), got {self.ema_decay}")
+        check(0 <= self.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {self.aug.smoothing}")
+        mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
+        check(not mixing or self.data.batch_size % 2 == 0, "data.batch_size",
+              f"Mixup/CutMix needs an even batch size, got {self.data.batch_size} (or set aug.mixup=0 aug.cutmix=0)")
+
 
 @dataclass
 class LinprobeConfig:
+    """`mimswin linprobe` (and `mimswin knn`): a linear classifier and k-NN on the frozen encoder's features."""
+
     checkpoint: Optional[str] = None
     random_init: bool = False
     mode: str = "mae"
@@ -112,39 +153,15 @@ class LinprobeConfig:
     eval_crop_pct: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=90, output_dir="runs/linprobe"))
 
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
-def validate_eval(cfg: FinetuneConfig | LinprobeConfig) -> None:
-    """Checks specific to evaluation (the shared sections are validated by `load_config`)."""
-    pool = cfg.model.global_pool
-    _check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
-    _check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
-    _check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
-           "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
-    fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class
-    check_subset_size(fraction, per_class)
-    _check((fraction is None and per_class is None) or cfg.data.shards is None, "data.label_fraction",
-           "labeled subsets need a map-style source (the embedded set or an image folder), not data.shards")
-    if isinstance(cfg, FinetuneConfig):
-        _check(0 < cfg.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {cfg.layer_decay}")
-        _check(cfg.eval_every >= 1, "eval_every", f"must be >= 1 (epochs), got {cfg.eval_every}")
-        _check(cfg.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}, got '{cfg.head_init}'")
-        _check(cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {cfg.ema_decay}")
-        _check(0 <= cfg.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {cfg.aug.smoothing}")
-        mixing = cfg.aug.mixup > 0 or cfg.aug.cutmix > 0
-        _check(not mixing or cfg.data.batch_size % 2 == 0, "data.batch_size",
-               f"Mixup/CutMix needs an even batch size, got {cfg.data.batch_size} (or set aug.mixup=0 aug.cutmix=0)")
-    else:
-        _check(cfg.mode in PROBE_MODES, "mode", f"must be one of {PROBE_MODES}, got '{cfg.mode}'")
-        _check(cfg.knn.k >= 0, "knn.k", f"must be >= 0, got {cfg.knn.k}")
-        _check(cfg.knn.temperature > 0, "knn.temperature", f"must be > 0, got {cfg.knn.temperature}")
-        pool = cfg.features.pool
-        _check(pool is None or pool in FEATURES, "features.pool", f"must be one of {FEATURES} or null, got '{pool}'")
-        _check(cfg.features.blocks >= 1, "features.blocks", f"must be >= 1, got {cfg.features.blocks}")
-        _check(len(cfg.logistic.penalties) > 0 and min(cfg.logistic.penalties) >= 0, "logistic.penalties",
-               f"needs one or more strengths >= 0, got {cfg.logistic.penalties}")
-        _check(0 <= cfg.logistic.holdout < 1, "logistic.holdout", f"must be in [0, 1), got {cfg.logistic.holdout}")
+    def validate(self) -> None:
+        """Semantic checks that types alone cannot express (run by `load_config`)."""
+        check_labeled(self)
+        check(self.mode in PROBE_MODES, "mode", f"must be one of {PROBE_MODES}, got '{self.mode}'")
+        check(self.knn.k >= 0, "knn.k", f"must be >= 0, got {self.knn.k}")
+        check(self.knn.temperature > 0, "knn.temperature", f"must be > 0, got {self.knn.temperature}")
+        pool = self.features.pool
+        check(pool is None or pool in FEATURES, "features.pool", f"must be one of {FEATURES} or null, got '{pool}'")
+        check(self.features.blocks >= 1, "features.blocks", f"must be >= 1, got {self.features.blocks}")
+        check(len(self.logistic.penalties) > 0 and min(self.logistic.penalties) >= 0, "logistic.penalties",
+              f"needs one or more strengths >= 0, got {self.logistic.penalties}")
+        check(0 <= self.logistic.holdout < 1, "logistic.holdout", f"must be in [0, 1), got {self.logistic.holdout}")

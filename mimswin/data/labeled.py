@@ -15,13 +15,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mimswin.config import DataConfig
+from mimswin.config.evaluation import LabeledDataConfig
 from mimswin.data.build import EpochLoader
 from mimswin.data.sampler import ResumableDistributedSampler
-from mimswin.data.shard_reader import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
+from mimswin.data.shard_stream import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_skipping_none
 from mimswin.data.subsets import labeled_subset
 from mimswin.errors import DataError
-from mimswin.eval.config import LabeledDataConfig
 
 
 class LabeledShards:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -11,9 +10,11 @@ import torch
 
 from mimswin.data.sources import ImageFolder
 from mimswin.data.transforms import eval_transform
-from mimswin.errors import DataError, MimswinError
-from mimswin.pretrained import find_run_config, load_pretrain_run
-from mimswin.viz import reconstruction_grid, save_png
+from mimswin.errors import DataError
+from mimswin.eval.pictures import reconstruction_grid, save_png
+from mimswin.programs.common import console_entry
+from mimswin.runs.layout import VISUALIZE
+from mimswin.runs.open import find_run_config, load_pretrain_run
 
 
 def load_images(folder: str | Path, img_size: int, mean: Sequence[float], std: Sequence[float],
@@ -41,7 +42,7 @@ def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Pa
     run = load_pretrain_run(source)
     cfg = run.cfg
     images = load_images(images_dir, cfg.model.img_size, cfg.data.mean, cfg.data.std, count)
-    out_dir = Path(out) if out else find_run_config(run.checkpoint).parent / "visualize"
+    out_dir = Path(out) if out else find_run_config(run.checkpoint).parent / VISUALIZE
     written = []
     for number, start in enumerate(range(0, images.shape[0], per_picture)):
         picture = reconstruction_grid(run.method, images[start:start + per_picture], cfg.data.mean, cfg.data.std)
@@ -51,8 +52,8 @@ def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Pa
     return written
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """`mimswin visualize --from RUN --images DIR [--out DIR]`."""
+def main(argv: Optional[Sequence[str]] = None) -> List[Path]:
+    """`mimswin visualize --from RUN --images DIR [--out DIR]`: parse, draw, print the written pictures."""
     parser = argparse.ArgumentParser(prog="mimswin visualize", description="Reconstruction pictures of any images "
                                      "by a pretraining run (its latest checkpoint: encoder and decoder).")
     parser.add_argument("--from", dest="source", required=True, help="run dir or checkpoint dir")
@@ -63,10 +64,9 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.per_picture < 1:
         parser.error("--count and --per-picture must be >= 1")
-    try:
-        paths = visualize(args.source, args.images, args.out, args.count, args.per_picture)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
+    paths = visualize(args.source, args.images, args.out, args.count, args.per_picture)
     print("\n".join(f"wrote {path}" for path in paths))
-    return 0
+    return paths
+
+
+cli = console_entry(main)

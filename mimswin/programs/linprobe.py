@@ -12,7 +12,6 @@ k-NN top-1/top-5 (`knn.k` > 0) comes from cached features too; everything lands 
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -21,16 +20,17 @@ from accelerate.utils import set_seed
 from timm.optim import Lars
 from torch import nn
 
-from mimswin.eval.common import EvaluateEachEpoch, Stopwatch, log_record, parse_eval_args, write_results
-from mimswin.eval.config import LinprobeConfig
-from mimswin.eval.data import feature_dataset, labeled_pair, train_loader
+from mimswin.config.evaluation import LinprobeConfig
+from mimswin.data.labeled import feature_dataset, labeled_pair, train_loader
+from mimswin.eval.callbacks import EvaluateEachEpoch, log_record
 from mimswin.eval.features import FrozenRun, encode_splits, open_frozen_run
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.logistic import logistic_probe
 from mimswin.eval.pooling import ProbeFeatures, pooled_features
-from mimswin.program import run_cli
+from mimswin.programs.common import Stopwatch, console_entry, parse_eval_args, write_results
 from mimswin.train.loop import Trainer
-from mimswin.train.optim import build_scheduler, scaled_lr
+from mimswin.train.optim import build_scheduler
+from mimswin.train.setup import plan_steps
 
 BN_EPS = 1e-6
 HEAD_INIT_STD = 0.01
@@ -128,26 +128,21 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
         model, train_set, val_set, workers = probe, run.train_set, run.val_set, cfg.data.num_workers
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
                         accelerator.device, cfg.train.grad_accum_steps, num_workers=workers)
-    steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum_steps
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    effective_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
-    lr = scaled_lr(cfg.optim, effective_batch)
-    optimizer = build_lars(probe.head, lr, cfg.momentum, cfg.optim.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
+    optimizer = build_lars(probe.head, plan.lr, cfg.momentum, cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     meta = probe_meta(cfg, run)
     evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, workers, cfg.train.progress, meta)
     knn = KnnAtEnd(cfg, features, run.num_classes, watch) if cfg.knn.k > 0 else None
     callbacks = [evaluator] + ([knn] if knn is not None else [])
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, cross_entropy_loss, run.run_dir,
-                      total_steps, cfg.optim.clip_grad, callbacks, meta)
+                      plan.total_steps, cfg.optim.clip_grad, callbacks, meta)
     if run.checkpoint is not None:
         trainer.resume(run.checkpoint)
     accelerator.print(f"linear probe ({cfg.mode}) of {run.timm_name}, {probe.num_features} features, "
-                      f"{run.num_classes} classes, {len(train_set)} train samples: {total_steps} steps, "
-                      f"{steps_per_epoch} per epoch, effective batch {effective_batch}, lr {lr:.3g}, "
+                      f"{run.num_classes} classes, {len(train_set)} train samples: {plan.total_steps} steps, "
+                      f"{plan.steps_per_epoch} per epoch, effective batch {plan.effective_batch}, lr {plan.lr:.3g}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}, run dir {run.run_dir.root}")
     return trainer, evaluator, knn, watch
 
@@ -210,10 +205,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point (see `mimswin.program.run_cli`)."""
-    return run_cli(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+cli = console_entry(main)

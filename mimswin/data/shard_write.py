@@ -1,29 +1,27 @@
 """Shard writer: an image folder or the embedded data set -> webdataset tar shards (image + cls + key).
 
-`python -m mimswin.data.shards SRC OUT --maxcount N` writes OUT/<prefix>-000000.tar, ... with wds.ShardWriter, and
+`python -m mimswin.data.shard_write SRC OUT --maxcount N` writes OUT/<prefix>-000000.tar, ... with wds.ShardWriter, and
 OUT/sizes.json (samples per shard, read by the shard loader to plan epochs and skip consumed shards on resume).
 JPEG and PNG files are stored byte for byte; other formats are converted to PNG; unreadable files are skipped.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mimswin.data.shard_reader import CLASSES_FILE, SIZES_FILE
+from mimswin.data.shard_stream import CLASSES_FILE, SIZES_FILE
 from mimswin.data.sources import EmbeddedMNIST, scan_folder, to_rgb
-from mimswin.errors import DataError, MimswinError
+from mimswin.errors import DataError
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 EMBEDDED = "embedded"
@@ -166,34 +164,3 @@ def write_shards(src: str, out: Path, maxcount: int = 1000, maxsize: float = 1e9
         update_json(out / CLASSES_FILE, {prefix: classes})
     return summary
 
-
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mimswin-shards", description="Write webdataset tar shards (image + cls + key) and sizes.json.")
-    parser.add_argument("src", help=f"image folder (flat or one subfolder per class) or '{EMBEDDED}[:train|val|all]'")
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--maxcount", type=int, default=1000, help="images per shard (default 1000)")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
-    parser.add_argument("--prefix", default=None, help="shard name prefix (default: the split, or 'train')")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.maxcount < 1 or args.maxsize <= 0:
-        parser.error("--maxcount and --maxsize must be positive")
-    return args
-
-
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point: prints the summary; user errors are one line and exit code 2."""
-    args = parse_args(argv)
-    try:
-        summary = write_shards(args.src, Path(args.out), args.maxcount, args.maxsize, args.prefix,
-                               not args.no_progress)
-    except MimswinError as err:
-        print(f"mimswin: error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(summary.lines(Path(args.out))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

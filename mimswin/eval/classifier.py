@@ -1,41 +1,21 @@
-"""Pretrained encoder weights from any mimswin artifact, loaded into a plain timm model through timm's own filter.
-
-Accepted sources: an exported `encoder.safetensors`, a run dir (its export, else its latest checkpoint), or a
-checkpoint dir `checkpoints/step_*` (pretraining: the `encoder.model.` weights; fine-tune/probe runs: their meta).
-"""
+"""The plain timm classifier of a pretrained encoder: kwargs from the checkpoint, weights through timm's own filter."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List
 
-import safetensors.torch
 import timm
 import torch
-import yaml
 from torch import nn
 
+from mimswin.config.evaluation import ClassifierConfig
 from mimswin.errors import CheckpointError, ConfigError
-from mimswin.eval.config import ClassifierConfig
-from mimswin.export import read_export
-from mimswin.models.vit import timm_kwargs
-from mimswin.train.checkpoint import latest_checkpoint
+from mimswin.models.create import create_timm
+from mimswin.runs.open import EncoderWeights
 
-PRETRAIN_PREFIX = "encoder.model."
 HEAD_PREFIXES = ("head.", "fc_norm.")
-
-
-@dataclass
-class EncoderWeights:
-    """Encoder weights keyed like `timm.create_model(timm_name, **timm_kwargs)`, and where they came from."""
-
-    weights: Dict[str, torch.Tensor]
-    timm_name: str
-    timm_kwargs: Dict[str, Any]
-    source: Path
 
 
 @dataclass
@@ -49,60 +29,6 @@ class LoadReport:
         def short(keys: List[str]) -> str:
             return ", ".join(keys[:6]) + (f" (+{len(keys) - 6})" if len(keys) > 6 else "") if keys else "none"
         return f"initialised fresh: {short(self.missing)}; unused from the checkpoint: {short(self.unexpected)}"
-
-
-def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file '{path}' is missing") from None
-    except Exception as err:
-        raise CheckpointError(f"'{path}' is not a readable safetensors file: {err}") from None
-
-
-def _from_checkpoint_dir(path: Path) -> EncoderWeights:
-    try:
-        meta = json.loads((path / "state.json").read_text()).get("meta", {})
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint '{path}': unreadable state.json ({err})") from None
-    weights = _load_safetensors(path / "model.safetensors")
-    if "timm_name" in meta:
-        prefix = meta.get("encoder_prefix", "")
-        name, kwargs = meta["timm_name"], meta.get("timm_kwargs", {})
-    else:
-        config = path.parent.parent / "config.yaml"
-        try:
-            model = yaml.safe_load(config.read_text())["model"]
-            name = model["name"]
-            kwargs = timm_kwargs(model["img_size"], model.get("patch_size"), model.get("drop_path_rate", 0.0),
-                                 model.get("kwargs"))
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
-            raise CheckpointError(f"checkpoint '{path}': cannot tell its architecture (no timm_name in state.json "
-                                  f"and no readable model section in {config})") from None
-        prefix = PRETRAIN_PREFIX
-    encoder = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    if not encoder:
-        raise CheckpointError(f"checkpoint '{path}' holds no encoder weights (no keys under '{prefix}')")
-    return EncoderWeights(encoder, name, kwargs, path)
-
-
-def read_encoder_weights(path: str | Path) -> EncoderWeights:
-    """Encoder weights and architecture of an exported file, a run dir or a checkpoint dir."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"--from '{path}' does not exist")
-    if path.is_file():
-        weights, name, kwargs = read_export(path)
-        return EncoderWeights(weights, name, kwargs, path)
-    if (path / "state.json").is_file():
-        return _from_checkpoint_dir(path)
-    if (path / "encoder.safetensors").is_file():
-        return read_encoder_weights(path / "encoder.safetensors")
-    checkpoint = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-    if checkpoint is None:
-        raise CheckpointError(f"--from '{path}' is neither an exported encoder, a run dir (encoder.safetensors or "
-                              "checkpoints/step_*) nor a checkpoint dir (state.json)")
-    return _from_checkpoint_dir(checkpoint)
 
 
 def classifier_kwargs(source: EncoderWeights, cfg: ClassifierConfig, num_classes: int) -> Dict[str, Any]:
@@ -121,14 +47,7 @@ def classifier_kwargs(source: EncoderWeights, cfg: ClassifierConfig, num_classes
 
 def create_classifier(name: str, kwargs: Dict[str, Any]) -> nn.Module:
     """`timm.create_model` without downloads, its failures turned into one-line config errors."""
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(f"config key 'model.name': unknown timm model '{name}'") from None
-        raise
-    except (TypeError, AssertionError, ValueError) as err:
-        raise ConfigError(f"timm model '{name}' rejects {kwargs}: {err}") from None
+    return create_timm(name, kwargs, (TypeError, AssertionError, ValueError))
 
 
 def filter_for(model: nn.Module, source: EncoderWeights) -> Dict[str, torch.Tensor]:
@@ -184,3 +103,13 @@ def build_classifier(source: EncoderWeights, cfg: ClassifierConfig, num_classes:
     model = create_classifier(name, kwargs)
     report = load_encoder(model, source) if pretrained else LoadReport(sorted(model.state_dict()), [])
     return model, kwargs, name, report
+
+
+def input_size(cfg: ClassifierConfig, source: EncoderWeights) -> int:
+    """The image side the evaluation runs at: the eval config's, else the encoder's own, else timm's 224."""
+    return cfg.img_size or source.timm_kwargs.get("img_size", 224)
+
+
+def describe_load(name: str, source: EncoderWeights, random_init: bool, report: LoadReport) -> str:
+    """The line a program prints about the weights it starts from."""
+    return f"{name} from {'random init' if random_init else source.source}: {report.describe()}"

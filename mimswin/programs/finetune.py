@@ -7,7 +7,6 @@ each epoch; last checkpoint (resumable) and best weights (`best/`).
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
@@ -18,16 +17,18 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from mimswin.config.evaluation import FinetuneConfig
+from mimswin.data.labeled import labeled_pair, train_loader
 from mimswin.data.transforms import eval_transform
-from mimswin.eval.common import EvaluateEachEpoch, parse_eval_args, start_run, write_results
-from mimswin.eval.config import FinetuneConfig
-from mimswin.eval.data import labeled_pair, train_loader
+from mimswin.eval.callbacks import EvaluateEachEpoch
+from mimswin.eval.classifier import build_classifier, describe_load, input_size
 from mimswin.eval.head_init import probe_initialised_head
-from mimswin.eval.weights import build_classifier, read_encoder_weights
-from mimswin.program import run_cli
+from mimswin.programs.common import console_entry, parse_eval_args, write_results
+from mimswin.runs.open import read_encoder_weights
 from mimswin.train.loop import Trainer
-from mimswin.train.optim import build_optimizer, build_scheduler, scaled_lr
+from mimswin.train.optim import build_optimizer, build_scheduler
 from mimswin.train.perf import optimizer_kwargs
+from mimswin.train.setup import plan_steps, record_run, start_run
 
 POSTERIZE_MAX_MAGNITUDE = 9.99
 
@@ -76,17 +77,18 @@ def classification_loss(criterion: nn.Module, mixup: Optional[Mixup]) -> Callabl
 
 
 def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[Trainer, EvaluateEachEpoch]:
-    """Everything a fine-tuning run needs, wired and (with `resume`, see `mimswin.program.resume_point`) restored,
+    """Everything a fine-tuning run needs, wired and (with `resume`, see `mimswin.train.setup.resume_point`) restored,
     EMA weights and best-so-far record included, ready for `fit()`."""
     source = read_encoder_weights(cfg.checkpoint)
-    accelerator, run_dir, checkpoint = start_run(cfg, resume)
-    img_size = cfg.model.img_size or source.timm_kwargs.get("img_size", 224)
+    accelerator, run_dir, checkpoint = start_run(cfg.train, resume)
+    record_run(accelerator, run_dir, cfg)
+    img_size = input_size(cfg.model, source)
     train_set, val_set, num_classes = labeled_pair(
         cfg.data, finetune_transform(cfg, img_size), eval_transform(img_size, cfg.data.mean, cfg.data.std,
                                                                    cfg.eval_crop_pct))
     set_seed(cfg.train.seed)
     model, kwargs, name, report = build_classifier(source, cfg.model, num_classes, pretrained=not cfg.random_init)
-    accelerator.print(f"{name} from {'random init' if cfg.random_init else source.source}: {report.describe()}")
+    accelerator.print(describe_load(name, source, cfg.random_init, report))
     if cfg.head_init == "probe" and checkpoint is None:
         plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
         l2 = probe_initialised_head(model, labeled_pair(cfg.data, plain, plain)[0], num_classes, accelerator,
@@ -95,15 +97,11 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     set_seed(cfg.train.seed + accelerator.process_index)
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
                         accelerator.device, cfg.train.grad_accum_steps)
-    steps_per_epoch = data.batches_per_epoch // cfg.train.grad_accum_steps
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    effective_batch = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
-    lr = scaled_lr(cfg.optim, effective_batch)
-    optimizer = build_optimizer(model, cfg.optim, lr, layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
+    plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
+    optimizer = build_optimizer(model, cfg.optim, plan.lr,
+                                layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
                                 **optimizer_kwargs(cfg.optim, accelerator.device))
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
     if ema is not None:
         ema.module.to(accelerator.device)
@@ -113,12 +111,13 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
                                   ema, cfg.eval_every)
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data,
-                      classification_loss(build_criterion(cfg, mixup), mixup), run_dir, total_steps,
+                      classification_loss(build_criterion(cfg, mixup), mixup), run_dir, plan.total_steps,
                       cfg.optim.clip_grad, [evaluator], meta)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-    accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {total_steps} steps, "
-                      f"{steps_per_epoch} per epoch, effective batch {effective_batch}, lr {lr:.3g}, layer decay "
+    accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {plan.total_steps} "
+                      f"steps, {plan.steps_per_epoch} per epoch, effective batch {plan.effective_batch}, lr "
+                      f"{plan.lr:.3g}, layer decay "
                       f"{cfg.layer_decay}, {accelerator.num_processes} process(es) on {accelerator.device}, "
                       f"run dir {run_dir.root}")
     return trainer, evaluator
@@ -140,10 +139,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return results
 
 
-def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point (see `mimswin.program.run_cli`)."""
-    return run_cli(main, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
+cli = console_entry(main)

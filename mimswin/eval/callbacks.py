@@ -1,12 +1,11 @@
-"""What the evaluation programs share: arguments, run setup, eval records, best weights and the results file."""
+"""Loop-core callbacks and records of the evaluation programs: metrics records, per-epoch evaluation (and EMA), the
+best weights kept as a dir `--from` accepts."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional
 
 import safetensors.torch
 import torch
@@ -14,55 +13,11 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
-from mimswin.config import list_presets, load_config, save_config
-from mimswin.errors import CheckpointError, ConfigError
-from mimswin.eval.config import validate_eval
+from mimswin.errors import CheckpointError
 from mimswin.eval.metrics import evaluate
-from mimswin.pretrain import flat_config
-from mimswin.program import parse_with_resume, resume_point
-from mimswin.train.loop import Trainer, make_accelerator
-from mimswin.train.rundir import RunDir, atomic_write_bytes
-
-C = TypeVar("C")
-
-
-def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional[Sequence[str]],
-                    resumable: bool = False) -> Tuple[C, Optional[str]]:
-    """`--config` presets, `--from CKPT`, key=value overrides (and `--resume` for a program that trains) -> a
-    validated config of `schema` and the `--resume` value (None when not given)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description + " Any config key can be overridden as key=value, --key=value or "
-        "--key value.", epilog="presets: " + ", ".join(list_presets()))
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML preset path or name under configs/ (repeatable; later ones win)")
-    parser.add_argument("--from", dest="checkpoint", default=None,
-                        help="pretrained encoder: exported .safetensors, run dir, or checkpoint dir")
-    if resumable:
-        args, overrides = parse_with_resume(parser, argv)
-    else:
-        args, overrides = parser.parse_known_args(argv)
-        args.resume = None
-    if args.checkpoint is not None:
-        overrides = [*overrides, f"checkpoint={json.dumps(args.checkpoint)}"]
-    cfg = load_config(schema, args.config, overrides)
-    validate_eval(cfg)
-    if cfg.checkpoint is None:
-        raise ConfigError("no pretrained encoder given: pass --from RUN_DIR, CHECKPOINT_DIR or ENCODER.safetensors")
-    return cfg, args.resume
-
-
-def start_run(cfg: Any, resume: Optional[str] = None) -> Tuple[Accelerator, RunDir, Optional[Path]]:
-    """Accelerator, the run dir (holding the resolved config) and the checkpoint to resume from (None: a fresh
-    run; an output dir holding checkpoints needs `resume`); trackers get the flat config."""
-    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available() and not cfg.train.cpu:
-        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
-    accelerator = make_accelerator(cfg.train)
-    run_dir = RunDir(cfg.train.output_dir, accelerator.is_main_process)
-    checkpoint = resume_point(accelerator, run_dir.root, run_dir.checkpoints, resume)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir.config)
-    accelerator.init_trackers(cfg.train.project, config=flat_config(cfg))
-    return accelerator, run_dir, checkpoint
+from mimswin.runs.files import atomic_write_bytes
+from mimswin.runs.layout import MODEL, STATE, RunDir
+from mimswin.train.loop import Trainer
 
 
 def log_record(accelerator: Accelerator, run_dir: RunDir, record: Dict[str, Any]) -> None:
@@ -116,7 +71,7 @@ class EvaluateEachEpoch:
             if top1 > self.best["top1"]:
                 self.best = {"top1": top1, "step": trainer.state.step, "epoch": trainer.state.epoch,
                              "weights": tag or "model"}
-                save_weights(accelerator, trainer.run_dir.root / "best", weights,
+                save_weights(accelerator, trainer.run_dir.best, weights,
                              {"step": trainer.state.step, "epoch": trainer.state.epoch, "val_top1": top1,
                               "meta": self.meta})
 
@@ -148,32 +103,7 @@ def save_weights(accelerator: Accelerator, directory: Path, model: torch.nn.Modu
     if not accelerator.is_main_process:
         return
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(directory / "model.safetensors", safetensors.torch.save(tensors))
-    atomic_write_bytes(directory / "state.json", json.dumps(state, indent=1).encode())
+    atomic_write_bytes(directory / MODEL, safetensors.torch.save(tensors))
+    atomic_write_bytes(directory / STATE, json.dumps(state, indent=1).encode())
 
-
-def write_results(accelerator: Accelerator, run_dir: RunDir, results: Dict[str, Any]) -> None:
-    if accelerator.is_main_process:
-        atomic_write_bytes(run_dir.root / "results.json", json.dumps(results, indent=1).encode())
-
-
-class Stopwatch:
-    """Named wall-clock intervals, for the timings a results file reports."""
-
-    def __init__(self) -> None:
-        self.seconds: Dict[str, float] = {}
-
-    def time(self, name: str) -> "_Interval":
-        return _Interval(self, name)
-
-
-class _Interval:
-    def __init__(self, watch: Stopwatch, name: str) -> None:
-        self.watch, self.name = watch, name
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.watch.seconds[self.name] = self.watch.seconds.get(self.name, 0.0) + time.perf_counter() - self.start
 

@@ -1,0 +1,70 @@
+"""The pretraining config: encoder, mask, decoder and loss, over the shared data/optimizer/loop sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from mimswin.config.sections import DataConfig, OptimConfig, TrainConfig, check, check_sections
+
+
+@dataclass
+class ModelConfig:
+    """The encoder: any timm model name, with the size overrides timm's factory accepts."""
+
+    name: str = "vit_base_patch16_224"
+    img_size: int = 224
+    patch_size: Optional[int] = None
+    drop_path_rate: float = 0.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MaskConfig:
+    """`unit`: side in px of the square hidden together (unset: the method's default, see docs/configuration.md)."""
+
+    ratio: float = 0.75
+    unit: Optional[int] = None
+
+
+@dataclass
+class DecoderConfig:
+    """The MAE decoder: a narrow transformer that only pretraining uses."""
+
+    dim: int = 512
+    depth: int = 8
+    heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class LossConfig:
+    """`kind`: mse or l1 on hidden patches (unset: mse for mae, l1 for simmim)."""
+
+    norm_pix: bool = True
+    kind: Optional[str] = None
+
+
+@dataclass
+class PretrainConfig:
+    """`mimswin pretrain`: a MIM method over a timm encoder."""
+
+    method: str = "mae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Semantic checks that types alone cannot express (run by `load_config`)."""
+        check(self.method in ("mae", "simmim"), "method", f"unknown method '{self.method}' (known: mae, simmim)")
+        check(0.0 <= self.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {self.mask.ratio}")
+        check(self.mask.unit is None or self.mask.unit > 0, "mask.unit", f"must be positive px, got {self.mask.unit}")
+        check(self.loss.kind in (None, "mse", "l1"), "loss.kind", f"must be mse or l1, got '{self.loss.kind}'")
+        check(self.decoder.dim % self.decoder.heads == 0, "decoder.dim",
+              f"{self.decoder.dim} is not divisible by decoder.heads={self.decoder.heads}")
+        check(self.decoder.dim % 4 == 0, "decoder.dim", "must be divisible by 4 (2-D sin-cos position embedding)")
+        check_sections(self.data, self.optim, self.train)

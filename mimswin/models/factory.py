@@ -1,0 +1,52 @@
+"""The pretraining model a config describes: a timm encoder wrapped by its MIM method (MAE or SimMIM)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from mimswin.config.pretrain import PretrainConfig
+from mimswin.errors import ConfigError
+from mimswin.models.create import create_timm_encoder
+from mimswin.models.decoders import MAEDecoder
+from mimswin.models.mae import MAE
+from mimswin.models.simmim import MaskTokenEncoder, SimMIM
+from mimswin.models.swin import VisibleSwin
+from mimswin.models.vit import MaskedViT
+
+SIMMIM_MASK_UNIT = 32
+
+
+def mask_unit_cells(unit_px: Optional[int], cell_px: int, grid: tuple[int, int]) -> int:
+    """`mask.unit` in px -> grid cells per unit side (unset: one cell), or one clear ConfigError."""
+    if unit_px is None:
+        return 1
+    cells = unit_px // cell_px
+    if unit_px % cell_px or grid[0] % cells or grid[1] % cells:
+        raise ConfigError(f"config key 'mask.unit': {unit_px} px must be a multiple of the {cell_px} px grid cell "
+                          f"and tile the {grid[0]}x{grid[1]} grid")
+    return cells
+
+
+def build_method(cfg: PretrainConfig) -> Union[MAE, SimMIM]:
+    """The pretraining model a config describes, with freshly initialised weights (never downloaded)."""
+    m = cfg.model
+    model = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
+    in_chans = model.patch_embed.proj.in_channels
+    if cfg.method == "simmim":
+        unit = cfg.mask.unit or SIMMIM_MASK_UNIT
+        return SimMIM(MaskTokenEncoder(model), unit, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "l1",
+                      in_chans)
+    if isinstance(model, SwinTransformer):
+        encoder: Union[MaskedViT, VisibleSwin] = VisibleSwin(model)
+    elif isinstance(model, VisionTransformer):
+        encoder = MaskedViT(model)
+    else:
+        raise ConfigError(f"config key 'model.name': MAE needs a timm VisionTransformer or SwinTransformer, "
+                          f"got {type(model).__name__}")
+    decoder = MAEDecoder(encoder.embed_dim, encoder.grid, encoder.patch_size ** 2 * in_chans, cfg.decoder.dim,
+                         cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.mlp_ratio, encoder.num_prefix_tokens)
+    unit = mask_unit_cells(cfg.mask.unit, encoder.patch_size, encoder.grid)
+    return MAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, unit, cfg.loss.kind or "mse")

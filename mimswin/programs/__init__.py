@@ -1,0 +1,1 @@
+"""The programs: pretrain, finetune, linprobe, knn, export, visualize, shards, bench; one shared scaffold."""

@@ -1,0 +1,37 @@
+"""`mimswin shards`: write webdataset tar shards (image + cls + key) and sizes.json from an image folder or the
+embedded set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mimswin.data.shard_write import EMBEDDED, Summary, write_shards
+from mimswin.programs.common import console_entry
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mimswin-shards", description="Write webdataset tar shards (image + cls + key) and sizes.json.")
+    parser.add_argument("src", help=f"image folder (flat or one subfolder per class) or '{EMBEDDED}[:train|val|all]'")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--maxcount", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
+    parser.add_argument("--prefix", default=None, help="shard name prefix (default: the split, or 'train')")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.maxcount < 1 or args.maxsize <= 0:
+        parser.error("--maxcount and --maxsize must be positive")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Summary:
+    """Parse, write the shards, print the summary."""
+    args = parse_args(argv)
+    summary = write_shards(args.src, Path(args.out), args.maxcount, args.maxsize, args.prefix, not args.no_progress)
+    print("\n".join(summary.lines(Path(args.out))))
+    return summary
+
+
+cli = console_entry(main)
