@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import List
 
 import torch
+from timm.models.hiera import Hiera
 from torch import nn
 
+from mimswin.config.evaluation import FEATURES
 from mimswin.errors import ConfigError
-
-FEATURES = ("cls", "avg", "cls+avg")
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -57,6 +57,10 @@ class ProbeFeatures(nn.Module):
 
 def pooled_features(model: nn.Module, x: torch.Tensor, features: str, blocks: int) -> List[torch.Tensor]:
     """Per block (last first): [B, D] features of `model` on `x` as `ProbeFeatures` reads them."""
+    if isinstance(model, Hiera):  # timm's Hiera has no `norm` option: its final norm is the head's, after pooling
+        maps = model.forward_intermediates(x, indices=blocks, intermediates_only=True)
+        pooled = [m.mean(dim=(-2, -1)) for m in reversed(maps)]
+        return [model.head.norm(pooled[0]), *pooled[1:]]
     if not is_token_encoder(model):
         maps = model.forward_intermediates(x, indices=blocks, norm=True, intermediates_only=True)
         return [m.mean(dim=(-2, -1)) for m in reversed(maps)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
@@ -9,6 +11,24 @@ from torch import nn
 
 from mimswin.models.pos_embed import sincos_2d
 from mimswin.models.tokens import scatter_tokens
+
+
+def decoder_trunk(dim: int, depth: int, heads: int, mlp_ratio: float, out_dim: int
+                  ) -> Tuple[nn.Sequential, nn.LayerNorm, nn.Linear]:
+    """The body every MAE decoder shares: timm Blocks (with qkv bias, as MAE), a final LayerNorm, the pixel head."""
+    blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+    return blocks, nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, out_dim)
+
+
+def mae_init(root: nn.Module) -> None:
+    """MAE's init: xavier-uniform linears and convs (weights as matrices), zero biases, unit LayerNorms."""
+    for module in root.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class MAEDecoder(nn.Module):
@@ -21,22 +41,14 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid, prefix_tokens).unsqueeze(0), persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, out_dim)
+        self.blocks, self.norm, self.pred = decoder_trunk(dim, depth, heads, mlp_ratio, out_dim)
         self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MAE init: xavier-uniform linears, zero biases, unit LayerNorms, N(0, .02) mask token."""
+        """MAE init (`mae_init`) and an N(0, .02) mask token."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        mae_init(self)
 
     @property
     def num_patches(self) -> int:

@@ -1,9 +1,10 @@
-"""The pretraining model a config describes: a timm encoder wrapped by its MIM method (MAE or SimMIM)."""
+"""The pretraining model a config describes: a timm encoder (ViT, Swin, Hiera) wrapped by its MIM method."""
 
 from __future__ import annotations
 
 from typing import Optional, Union
 
+from timm.models.hiera import Hiera
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
@@ -11,6 +12,7 @@ from mimswin.config.pretrain import PretrainConfig
 from mimswin.errors import ConfigError
 from mimswin.models.create import create_timm_encoder
 from mimswin.models.decoders import MAEDecoder
+from mimswin.models.hiera_mae import HieraMAE, build_hiera_mae
 from mimswin.models.mae import MAE
 from mimswin.models.simmim import MaskTokenEncoder, SimMIM
 from mimswin.models.swin import VisibleSwin
@@ -30,7 +32,7 @@ def mask_unit_cells(unit_px: Optional[int], cell_px: int, grid: tuple[int, int])
     return cells
 
 
-def build_method(cfg: PretrainConfig) -> Union[MAE, SimMIM]:
+def build_method(cfg: PretrainConfig) -> Union[MAE, HieraMAE, SimMIM]:
     """The pretraining model a config describes, with freshly initialised weights (never downloaded)."""
     m = cfg.model
     model = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
@@ -39,12 +41,14 @@ def build_method(cfg: PretrainConfig) -> Union[MAE, SimMIM]:
         unit = cfg.mask.unit or SIMMIM_MASK_UNIT
         return SimMIM(MaskTokenEncoder(model), unit, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "l1",
                       in_chans)
+    if isinstance(model, Hiera):
+        return build_hiera_mae(model, cfg, in_chans)
     if isinstance(model, SwinTransformer):
         encoder: Union[MaskedViT, VisibleSwin] = VisibleSwin(model)
     elif isinstance(model, VisionTransformer):
         encoder = MaskedViT(model)
     else:
-        raise ConfigError(f"config key 'model.name': MAE needs a timm VisionTransformer or SwinTransformer, "
+        raise ConfigError(f"config key 'model.name': MAE needs a timm VisionTransformer, SwinTransformer or Hiera, "
                           f"got {type(model).__name__}")
     decoder = MAEDecoder(encoder.embed_dim, encoder.grid, encoder.patch_size ** 2 * in_chans, cfg.decoder.dim,
                          cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.mlp_ratio, encoder.num_prefix_tokens)

@@ -11,20 +11,27 @@ import torch
 from mimswin.config import PretrainConfig, load_config
 from mimswin.models import build_method
 from mimswin.models.create import create_timm_encoder
+from mimswin.models.masking import MaskSample
 from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import enable_grad_checkpointing, optimizer_kwargs
 
 VIT_ROWS = ("mimswin-mae", "hf-vitmae")
+# The Hiera rows hide Hiera's own share of mask units (0.6, the paper's and HieraConfig's default), not the ViT rows'
+# 0.75; their model is the tiny CPU preset's Hiera at the setup's image size, or hiera_tiny_224 (beside ViT-Tiny) /
+# hiera_base_224 (beside ViT-B) at 224 px with MAE's q_pool 2; the decoder is the setup's.
+HIERA_ROWS = ("mimswin-mae-hiera", "hf-hiera-mae", "mimswin-hiera-all-units")
 SWIN_ROWS = ("mimswin-simmim-swin", "mimswin-mae-swin", "hf-swin-simmim")
-ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, "loader")
-ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "all": ROW_NAMES}
-HF_ROWS = ("hf-vitmae", "hf-swin-simmim")
+ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, *HIERA_ROWS, "loader")
+ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "hiera": HIERA_ROWS, "all": ROW_NAMES}
+HF_ROWS = ("hf-vitmae", "hf-swin-simmim", "hf-hiera-mae")
 # (ratio name, numerator row, denominator row): images/s of the first over the second.
 RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
           ("swin_visible_over_simmim", "mimswin-mae-swin", "mimswin-simmim-swin"),
           ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim"),
           ("swin_visible_over_hf_simmim", "mimswin-mae-swin", "hf-swin-simmim"),
-          ("loader_over_model", "loader", "mimswin-mae"))
+          ("loader_over_model", "loader", "mimswin-mae"),
+          ("hiera_mimswin_over_hf", "mimswin-mae-hiera", "hf-hiera-mae"),
+          ("hiera_masked_over_all_units", "mimswin-mae-hiera", "mimswin-hiera-all-units"))
 
 
 @dataclass
@@ -163,6 +170,72 @@ def build_hf_swin_simmim(setup: Setup, device: torch.device) -> Contender:
     return Contender(model, loss_fn, optimizer, model.gradient_checkpointing_enable)
 
 
+HIERA_MASK_RATIO = 0.6
+HIERA_AT_224 = {"vit_base_patch16_224": "hiera_base_224"}
+DEFAULT_MASK_UNIT_ATTN = (True, True, False, False)  # timm's and HieraConfig's default
+
+
+def hiera_config(setup: Setup) -> PretrainConfig:
+    """The PretrainConfig of a setup's Hiera MAE, built through the same loader as a real run."""
+    if setup.img_size == 224:
+        presets = []
+        overrides = [f"model.name={HIERA_AT_224.get(setup.encoder, 'hiera_tiny_224')}", "model.img_size=224",
+                     "model.kwargs={q_pool: 2}"]
+    else:
+        presets, overrides = ["tiny_mae_hiera_cpu"], [f"model.img_size={setup.img_size}"]
+    overrides += [f"mask.ratio={HIERA_MASK_RATIO}", f"decoder.dim={setup.decoder_dim}",
+                  f"decoder.depth={setup.decoder_depth}", f"decoder.heads={setup.decoder_heads}",
+                  f"data.batch_size={setup.batch}"]
+    return load_config(PretrainConfig, presets, overrides)
+
+
+def build_mimswin_mae_hiera(setup: Setup, device: torch.device) -> Contender:
+    """mimswin's Hiera MAE: the encoder on the visible mask units only, the fusion decoder, norm-pix MSE."""
+    return build_mimswin(setup, device, hiera_config(setup))
+
+
+def build_mimswin_hiera_all_units(setup: Setup, device: torch.device) -> Contender:
+    """The same model and decoder with every unit visible, its loss over all predictions: the unmasked cost."""
+    run = build_mimswin(setup, device, hiera_config(setup))
+    cells = run.model.grid[0] * run.model.grid[1]
+
+    def loss_fn(images: torch.Tensor) -> torch.Tensor:
+        keep = torch.arange(cells, device=images.device).expand(images.shape[0], -1)
+        out = run.model(images, MaskSample(torch.zeros_like(keep, dtype=torch.bool), keep))
+        return (out.pred.float() - out.target.float()).pow(2).mean()
+
+    return Contender(run.model, loss_fn, run.optimizer, run.enable_checkpointing)
+
+
+def build_hf_hiera_mae(setup: Setup, device: torch.device) -> Contender:
+    """transformers' HieraForPreTraining with the timm Hiera's sizes read off the built model, the same mask ratio,
+    norm-pix loss on hidden units, decoder and AdamW."""
+    from transformers import HieraConfig, HieraForPreTraining
+
+    ref = hiera_config(setup)
+    m = ref.model
+    hiera = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
+    ends = hiera.stage_ends
+    starts = [0, *(end + 1 for end in ends[:-1])]
+    conv, dims = hiera.patch_embed.proj, [hiera.blocks[end].dim_out for end in ends]
+    config = HieraConfig(
+        embed_dim=dims[0], image_size=[m.img_size, m.img_size], patch_size=list(conv.kernel_size),
+        patch_stride=list(conv.stride), patch_padding=list(conv.padding),
+        mlp_ratio=hiera.blocks[0].mlp.fc1.out_features / dims[0], depths=[e - s + 1 for s, e in zip(starts, ends)],
+        num_heads=[hiera.blocks[end].attn.heads for end in ends], embed_dim_multiplier=dims[1] / dims[0],
+        num_query_pool=hiera.q_pool, query_stride=list(hiera.q_stride), masked_unit_size=list(hiera.mask_unit_size),
+        masked_unit_attention=list(m.kwargs.get("mask_unit_attn", DEFAULT_MASK_UNIT_ATTN))[:len(ends)],
+        layer_norm_eps=1e-6, decoder_hidden_size=setup.decoder_dim, decoder_depth=setup.decoder_depth,
+        decoder_num_heads=setup.decoder_heads, normalize_pixel_loss=ref.loss.norm_pix, mask_ratio=ref.mask.ratio)
+    model = HieraForPreTraining(config).to(device)
+    optimizer = build_optimizer(model, ref.optim, 1e-4, **optimizer_kwargs(ref.optim, device))
+    return Contender(model, lambda images: model(pixel_values=images).loss, optimizer,
+                     model.gradient_checkpointing_enable)
+
+
 BUILDERS: Dict[str, Callable[[Setup, torch.device], Contender]] = {
     "mimswin-mae": build_mimswin, "hf-vitmae": build_hf_vitmae, "mimswin-simmim-swin": build_mimswin_simmim_swin,
-    "mimswin-mae-swin": build_mimswin_mae_swin, "hf-swin-simmim": build_hf_swin_simmim}
+    "mimswin-mae-swin": build_mimswin_mae_swin, "hf-swin-simmim": build_hf_swin_simmim,
+    "mimswin-mae-hiera": build_mimswin_mae_hiera, "hf-hiera-mae": build_hf_hiera_mae,
+    "mimswin-hiera-all-units": build_mimswin_hiera_all_units}
+HIERA_BUILDERS = {name: BUILDERS[name] for name in HIERA_ROWS}

@@ -208,7 +208,8 @@ def build_and_warm_up(name: str, setup: Setup, images: torch.Tensor, device: tor
 
 # Modules a row imports on first build, imported before its memory is measured: library code is not the row's memory.
 ROW_IMPORTS = {"hf-vitmae": "transformers.models.vit_mae.modeling_vit_mae",
-               "hf-swin-simmim": "transformers.models.swin.modeling_swin"}
+               "hf-swin-simmim": "transformers.models.swin.modeling_swin",
+               "hf-hiera-mae": "transformers.models.hiera.modeling_hiera"}
 
 
 def _cpu_peak_child(queue: Any, threads: int, name: str, setup: Dict[str, Any], *flags: Any) -> None:

@@ -1,0 +1,140 @@
+"""MAE on timm's Hiera (Ryali et al. 2023): hide random mask units, encode the visible ones, fuse the stages at the
+final-stage resolution, decode the full final-stage grid, and regress the normalized pixels of the hidden units.
+
+The prediction grid is the final-stage token grid: each token predicts its own footprint of patch stride x
+q_stride^q_pool px (16 px for Hiera-B at 224 with MAE's q_pool 2, 4 px for the tiny CPU preset), so `patch_size`,
+`grid` and the mask of `MIMOutput` all refer to that grid and a mask unit covers `mask_unit` x `mask_unit` of it.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from einops import rearrange
+from timm.models import checkpoint_seq
+from torch import nn
+
+from mimswin.config.pretrain import PretrainConfig
+from mimswin.errors import ConfigError
+from mimswin.models.decoders import decoder_trunk, mae_init
+from mimswin.models.hiera import MaskedHiera
+from mimswin.models.loss import MIMOutput, masked_loss
+from mimswin.models.mae import MAE
+from mimswin.models.masking import MaskSample
+from mimswin.models.patches import pixel_targets
+
+
+def fused_stages(num_stages: int, q_pool: int) -> List[int]:
+    """The stages the decoder sums (Hiera's choice): those followed by a q-pool, and the last one."""
+    return [*range(min(q_pool, num_stages - 1)), num_stages - 1]
+
+
+class HieraMAEDecoder(nn.Module):
+    """Multi-scale fusion, then a light transformer over the final-stage grid: each fused stage is pooled to the final
+    resolution by a strided conv inside its mask unit and projected to the last stage's width, the sum (normed by the
+    caller) is embedded, placed at its units among mask tokens, given a learned position embedding, decoded."""
+
+    def __init__(self, stage_dims: Sequence[int], stage_sides: Sequence[int], fused: Sequence[int],
+                 unit_grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8, heads: int = 16,
+                 mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.fused, self.unit_grid, self.side = list(fused), unit_grid, stage_sides[-1]
+        width = stage_dims[-1]
+        self.fusion = nn.ModuleList([
+            nn.Conv2d(stage_dims[s], width, stage_sides[s] // self.side, stage_sides[s] // self.side)
+            if s != len(stage_dims) - 1 else nn.Identity() for s in self.fused])
+        self.embed = nn.Linear(width, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))
+        self.blocks, self.norm, self.pred = decoder_trunk(dim, depth, heads, mlp_ratio, out_dim)
+        self.grad_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """MAE init (`mae_init`, fusion convs as matrices) and N(0, .02) mask token and position embedding."""
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        mae_init(self)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.unit_grid[0] * self.side, self.unit_grid[1] * self.side
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token", "pos_embed"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (timm's switch name)."""
+        self.grad_checkpointing = enable
+
+    def fuse(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stage outputs [B, L, side_s, side_s, C_s] -> their sum at the final resolution [B, L, side, side, C]."""
+        total = 0
+        for head, stage in zip(self.fusion, (stages[s] for s in self.fused)):
+            if not isinstance(head, nn.Identity):
+                batch, units = stage.shape[:2]
+                stage = head(rearrange(stage, "b l h w c -> (b l) c h w"))
+                stage = rearrange(stage, "(b l) c h w -> b l h w c", b=batch, l=units)
+            total = total + stage
+        return total
+
+    def place(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Units [B, L, side, side, D] put at their unit `positions` [B, L] of the full grid, every other unit filled
+        with the mask token; returns [B, N, D] in raster order of the final-stage grid."""
+        batch, _, side, _, dim = tokens.shape
+        rows, cols = self.unit_grid
+        grid = self.mask_token.to(tokens.dtype).expand(batch, rows * cols, side, side, dim)
+        grid = grid.scatter(1, positions.view(batch, -1, 1, 1, 1).expand_as(tokens), tokens)
+        return rearrange(grid, "b (r c) h w d -> b (r h c w) d", r=rows, c=cols)
+
+    def forward(self, fused: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Normed fused units [B, L, side, side, C] at `positions` [B, L] -> per-token predictions [B, N, out_dim]."""
+        x = self.place(self.embed(fused), positions) + self.pos_embed
+        x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
+        return self.pred(self.norm(x))
+
+
+class HieraMAE(MAE):
+    """Hiera's MAE: a visible-units encoder, the fusion decoder and a loss on normalized pixels of hidden units.
+    Masks hide whole units: `decoder.side` x `decoder.side` cells of the final-stage prediction grid."""
+
+    def __init__(self, encoder: MaskedHiera, decoder: HieraMAEDecoder, mask_ratio: float = 0.6,
+                 norm_pix: bool = True, loss_kind: str = "mse") -> None:
+        super().__init__(encoder, decoder, mask_ratio, norm_pix, decoder.side, loss_kind)
+
+    def visible_units(self, mask: MaskSample) -> torch.Tensor:
+        """[B, L] indices of the mask units a prediction-grid mask leaves visible (it must hide whole units)."""
+        cells = self.mask_unit
+        hidden = mask.hidden.view(-1, self.grid[0] // cells, cells, self.grid[1] // cells, cells)[:, :, 0, :, 0]
+        count = mask.keep.shape[1] // cells ** 2
+        return torch.argsort(hidden.flatten(1).to(torch.int8), dim=1, stable=True)[:, :count]
+
+    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
+        mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
+        encoded = self.encoder.forward_masked(images, self.visible_units(mask))
+        fused = self.encoder.norm(self.decoder.fuse(encoded.stages))
+        pred = self.decoder(fused, encoded.positions)
+        target = pixel_targets(images, self.patch_size, self.norm_pix)
+        return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)
+
+
+def build_hiera_mae(model: nn.Module, cfg: PretrainConfig, in_chans: int) -> HieraMAE:
+    """The Hiera MAE of a config around a freshly built timm Hiera, or one clear ConfigError."""
+    encoder = MaskedHiera(model)
+    size, unit = cfg.model.img_size, encoder.unit_px
+    if size % unit:
+        raise ConfigError(f"config key 'model.img_size': {size} px is not a multiple of the {unit} px Hiera mask unit "
+                          f"(patch stride x mask_unit_size)")
+    if cfg.mask.unit is not None and cfg.mask.unit != unit:
+        raise ConfigError(f"config key 'mask.unit': Hiera masks its own {unit} px units; leave mask.unit unset and "
+                          f"change model.kwargs.mask_unit_size / patch_stride instead")
+    m, d = encoder.model, cfg.decoder
+    decoder = HieraMAEDecoder(encoder.stage_dims, encoder.stage_sides, fused_stages(len(m.stage_ends), m.q_pool),
+                              encoder.unit_grid, encoder.token_px ** 2 * in_chans, d.dim, d.depth, d.heads,
+                              d.mlp_ratio)
+    return HieraMAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "mse")
