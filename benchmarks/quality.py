@@ -2,7 +2,7 @@
 pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accuracy against pretraining epochs.
 
     python benchmarks/quality.py --budget quick      # the README path (tiny MAE ViT) and its baselines
-    python benchmarks/quality.py --budget full       # + visible-only MAE Swin and SimMIM Swin, every label fraction
+    python benchmarks/quality.py --budget full       # + visible-only MAE Swin, SimMIM Swin, MAE Hiera, every label fraction
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
@@ -42,16 +42,18 @@ class Method:
     name: str
     preset: str
     arch: str
+    finetune_preset: str = "tiny_finetune_cpu"
 
 
 METHODS = {
     "mae_vit": Method("MAE ViT", "tiny_mae_vit_cpu", "ViT"),
     "mae_swin": Method("MAE Swin (visible-only)", "tiny_mae_swin_cpu", "Swin"),
     "simmim_swin": Method("SimMIM Swin", "tiny_simmim_swin_cpu", "Swin"),
+    "mae_hiera": Method("MAE Hiera (visible units)", "tiny_mae_hiera_cpu", "Hiera", "tiny_finetune_hiera_cpu"),
 }
 TOY = {"ViT": ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "decoder.dim=32", "decoder.heads=2",
                "decoder.depth=1"],
-       "Swin": []}
+       "Swin": [], "Hiera": []}
 
 
 @dataclass
@@ -126,21 +128,23 @@ class Bench:
         return {"probe": run["result"]["last"]["val_top1"], "knn": run["result"].get("knn_top1"),
                 "seconds": run["seconds"]}
 
-    def finetune(self, key: str, source: Path, fraction: float, random: bool = False) -> Dict[str, Any]:
+    def finetune(self, key: str, source: Path, fraction: float, random: bool = False,
+                 preset: str = "tiny_finetune_cpu") -> Dict[str, Any]:
         tag = f"{key}/finetune_{fraction_label(fraction)}{'_random' if random else ''}"
         length = [] if fraction >= 1 else low_label_finetune(fraction, self.budget.low_label_steps)
-        argv = ["--config", "tiny_finetune_cpu", "--from", str(source), f"train.output_dir={self.out / tag}",
+        argv = ["--config", preset, "--from", str(source), f"train.output_dir={self.out / tag}",
                 *subset_overrides(fraction), *length, *(["random_init=true"] if random else []),
                 *self.budget.finetune]
         run = self.call(tag, finetune, "finetune", argv)
         return {"finetune": run["result"]["last"]["val_top1"], "finetune_s": run["seconds"]}
 
-    def evaluate(self, key: str, source: Path, random: bool) -> Dict[str, Any]:
+    def evaluate(self, key: str, source: Path, random: bool, method: Method) -> Dict[str, Any]:
         row: Dict[str, Any] = {}
         for fraction in self.budget.fractions:
             row[fraction_label(fraction)] = self.probe(key, source, fraction, random)
         for fraction in self.budget.finetune_fractions:
-            row[fraction_label(fraction)].update(self.finetune(key, source, fraction, random))
+            row[fraction_label(fraction)].update(self.finetune(key, source, fraction, random,
+                                                               method.finetune_preset))
         return row
 
     def curve(self, key: str, run: Path) -> List[Dict[str, Any]]:
@@ -175,14 +179,15 @@ class Bench:
         for key in methods:
             method = METHODS[key]
             run = self.pretrain(key, method)
-            self.results["rows"][key].update({"name": method.name, **self.evaluate(key, run, random=False)})
+            row = self.evaluate(key, run, random=False, method=method)
+            self.results["rows"][key].update({"name": method.name, **row})
             if self.budget.curve_points:
                 self.results["curves"][key] = self.curve(key, run)
             if method.arch not in random_done:
                 random_done.add(method.arch)
                 random_key = f"random_{method.arch.lower()}"
                 self.results["rows"][random_key] = {"name": f"random init {method.arch}",
-                                                    **self.evaluate(random_key, run, random=True)}
+                                                    **self.evaluate(random_key, run, random=True, method=method)}
         self.results["wall_s"] = time.perf_counter() - start
         return self.results
 
