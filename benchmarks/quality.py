@@ -2,7 +2,7 @@
 pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accuracy against pretraining epochs.
 
     python benchmarks/quality.py --budget quick      # the README path (tiny MAE ViT) and its baselines
-    python benchmarks/quality.py --budget full       # + visible-only MAE Swin, SimMIM Swin, MAE Hiera; all label fractions
+    python benchmarks/quality.py --budget full       # + MAE Swin, SimMIM Swin, MAE Hiera; all label fractions
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
