@@ -23,7 +23,8 @@ print(json.dumps({"package": mimswin.__file__, "presets": names}))
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """The project built as a wheel and installed into a scratch folder (dependencies from this environment)."""
+    """The project built as a wheel and installed into a scratch folder (dependencies, and the setuptools the test
+    extra pins, from this environment)."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True)
