@@ -43,3 +43,38 @@ def loss_at_both_ends(run: Path, steps: int, window: int) -> tuple[float, float]
 def tiny_args(tmp_path: Path) -> list[str]:
     """CLI arguments of a seconds-long pretraining run writing into a fresh run dir."""
     return TINY + [f"train.output_dir={tmp_path / 'run'}"]
+
+
+def norm_pix_mse_by_hand(pred, images, hidden, patch: int) -> tuple[float, int]:
+    """Reference MAE loss, one patch at a time in float64: MSE against the patch normalized by its own mean and
+    unbiased variance, averaged over the hidden patches only. Returns (loss, hidden patch count)."""
+    from mimswin.models.patches import patchify
+
+    raw = patchify(images, patch)
+    total, count = 0.0, 0
+    for b in range(hidden.shape[0]):
+        for i in range(hidden.shape[1]):
+            if not hidden[b, i]:
+                continue
+            values = raw[b, i].double()
+            mean = values.sum() / values.numel()
+            var = ((values - mean) ** 2).sum() / (values.numel() - 1)
+            total += ((pred[b, i].double() - (values - mean) / (var + 1e-6) ** 0.5) ** 2).mean().item()
+            count += 1
+    return total / max(count, 1), count
+
+
+def export_of_run(trainer, run: Path, head_keys: set):
+    """(the run's export loaded by `load_exported_timm`, the run's encoder), both in eval mode, after checking that the
+    export loads into a plain `timm.create_model` with only `head_keys` missing and nothing unexpected."""
+    import timm
+
+    from mimswin.export import load_exported_timm
+    from mimswin.runs.export import read_export
+
+    weights, name, kwargs = read_export(run / "encoder.safetensors")
+    plain = timm.create_model(name, pretrained=False, **kwargs)
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    assert unexpected == [] and set(missing) == head_keys
+    loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
+    return loaded, trainer.accelerator.unwrap_model(trainer.model).encoder.eval()

@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from conftest import loss_at_both_ends, pretrain_briefly
+from conftest import export_of_run, loss_at_both_ends, norm_pix_mse_by_hand, pretrain_briefly
 from einops import rearrange
 from torch.nn import functional as F
 
@@ -16,9 +16,8 @@ from mimswin.models import build_method
 from mimswin.models.create import timm_kwargs
 from mimswin.models.hiera_mae import HieraMAEDecoder
 from mimswin.models.masking import random_mask
-from mimswin.models.patches import patchify
 from mimswin.programs import finetune, linprobe
-from mimswin.runs.export import load_exported_timm, read_export
+from mimswin.runs.export import read_export
 from mimswin.runs.open import read_encoder_weights
 
 PRESET = "tiny_mae_hiera_cpu"
@@ -169,19 +168,9 @@ def test_loss_equals_hand_computation_on_hidden_units_only():
     images = torch.randn(2, 3, 32, 32)
     mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(0))
     out = mae(images, mask)
-    raw = patchify(images, 4)
-    total, count = 0.0, 0
-    for b in range(2):
-        for i in range(64):
-            if not mask.hidden[b, i]:
-                continue
-            patch = raw[b, i].double()
-            mean = patch.sum() / patch.numel()
-            var = ((patch - mean) ** 2).sum() / (patch.numel() - 1)
-            total += ((out.pred[b, i].double() - (patch - mean) / (var + 1e-6) ** 0.5) ** 2).mean().item()
-            count += 1
+    expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, 4)
     assert count == 2 * 40
-    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_compute_falls_with_the_mask_ratio():
@@ -224,14 +213,7 @@ def test_short_run_lowers_the_loss_and_draws_a_reconstruction(mae_run):
 
 
 def test_exported_hiera_loads_into_timm_with_the_same_features(mae_run):
-    trainer, run = mae_run
-    weights, name, kwargs = read_export(run / "encoder.safetensors")
-    plain = timm.create_model(name, pretrained=False, **kwargs)
-    missing, unexpected = plain.load_state_dict(weights, strict=False)
-    assert unexpected == [] and set(missing) == {"head.fc.weight", "head.fc.bias"}
-
-    loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
-    encoder = trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
+    loaded, encoder = export_of_run(*mae_run, {"head.fc.weight", "head.fc.bias"})
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(images), encoder(images))

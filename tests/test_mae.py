@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, TINY_PRESET
+from conftest import TINY_OVERRIDES, TINY_PRESET, norm_pix_mse_by_hand
 from torch import nn
 
 from mimswin.config import PretrainConfig, load_config
@@ -82,20 +82,9 @@ def test_loss_equals_hand_computation_on_hidden_patches_only(mae):
     images = torch.randn(2, 3, 32, 32)
     mask = random_mask(2, 64, 0.75, generator=torch.Generator().manual_seed(0))
     out = mae(images, mask)
-    raw = patchify(images, 4)
-    total, count = 0.0, 0
-    for b in range(2):
-        for i in range(64):
-            if not mask.hidden[b, i]:
-                continue
-            patch = raw[b, i].double()
-            mean = patch.sum() / patch.numel()
-            var = ((patch - mean) ** 2).sum() / (patch.numel() - 1)
-            target = (patch - mean) / (var + 1e-6) ** 0.5
-            total += ((out.pred[b, i].double() - target) ** 2).mean().item()
-            count += 1
+    expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, 4)
     assert count == 2 * 48
-    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_gradients_reach_encoder_and_decoder_but_not_hidden_pixels(mae):

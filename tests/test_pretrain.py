@@ -3,12 +3,10 @@ import shutil
 
 import pytest
 import safetensors.torch
-import timm
 import torch
-from conftest import TINY, loss_at_both_ends, pretrain_briefly
+from conftest import TINY, export_of_run, loss_at_both_ends, pretrain_briefly
 
 from mimswin.programs.pretrain import cli, main
-from mimswin.runs.export import load_exported_timm, read_export
 from mimswin.runs.layout import read_metrics
 
 
@@ -38,14 +36,7 @@ def test_run_dir_holds_config_metrics_checkpoint_encoder_and_picture(short_run):
 
 
 def test_exported_encoder_is_a_plain_timm_model_with_the_same_features(short_run):
-    trainer, run = short_run
-    weights, name, kwargs = read_export(run / "encoder.safetensors")
-    plain = timm.create_model(name, pretrained=False, **kwargs)
-    missing, unexpected = plain.load_state_dict(weights, strict=False)
-    assert unexpected == [] and set(missing) == {"head.weight", "head.bias"}
-
-    loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
-    encoder = trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
+    loaded, encoder = export_of_run(*short_run, {"head.weight", "head.bias"})
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(images), encoder(images))

@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from conftest import loss_at_both_ends, pretrain_briefly
+from conftest import export_of_run, loss_at_both_ends, pretrain_briefly
 from timm.models.swin_transformer import window_partition
 from torch import nn
 
@@ -14,7 +14,6 @@ from mimswin.models.create import timm_kwargs
 from mimswin.models.decoders import MAEDecoder
 from mimswin.models.masking import random_mask
 from mimswin.models.swin import HIDDEN_KEY_BIAS, VisibleSwin
-from mimswin.runs.export import load_exported_timm, read_export
 
 # 3 stages (patch 2, 56 px: token grids 28, 14, 7) with window 7, shift 3: windows straddle the 8 px cells.
 STRADDLE = ["model.img_size=56", "model.patch_size=2",
@@ -161,14 +160,7 @@ def test_short_visible_only_run_lowers_the_loss(mae_run):
 
 
 def test_exported_swin_encoder_loads_into_timm_with_the_same_features(mae_run):
-    trainer, run = mae_run
-    weights, name, kwargs = read_export(run / "encoder.safetensors")
-    plain = timm.create_model(name, pretrained=False, **kwargs)
-    missing, unexpected = plain.load_state_dict(weights, strict=False)
-    assert unexpected == [] and set(missing) == {"head.fc.weight", "head.fc.bias"}
-
-    loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
-    encoder = trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
+    loaded, encoder = export_of_run(*mae_run, {"head.fc.weight", "head.fc.bias"})
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         reference = loaded.forward_features(images)

@@ -23,10 +23,17 @@ from accelerate import Accelerator
 
 from mimswin.errors import CheckpointError
 from mimswin.runs.discovery import file_manifest, latest_checkpoint, prune_checkpoints, remove_stale
-from mimswin.runs.files import (atomic_write_bytes, first_line, fsync_path, read_safetensors, safe_torch_load,
-                                write_json, write_tensors, write_torch)
-from mimswin.runs.layout import (LATEST, MODEL, OPTIMIZER, SCALER, STATE, STEP_PREFIX, TMP_PREFIX, extra_file,
-                                 rng_file)
+from mimswin.runs.files import (
+    atomic_write_bytes,
+    first_line,
+    fsync_path,
+    read_safetensors,
+    safe_torch_load,
+    write_json,
+    write_tensors,
+    write_torch,
+)
+from mimswin.runs.layout import LATEST, MODEL, OPTIMIZER, SCALER, STATE, STEP_PREFIX, TMP_PREFIX, extra_file, rng_file
 
 
 def rng_state() -> Dict[str, Any]:

@@ -1,8 +1,9 @@
 """Every file name a run writes or reads, once; and the run directory. Only rank 0 writes there.
 
 A run dir: config.yaml, metrics.jsonl, results.json (evaluation), encoder.safetensors (pretraining), recon/ and
-reconstruction.png (pictures), best/ (evaluation's best weights), export/, visualize/, checkpoints/ holding step_XXXXXXXX dirs
-(model.safetensors, optimizer.pt, rng_<rank>.pt, extra_<name>.safetensors, state.json) and the `latest` pointer.
+reconstruction.png (pictures), best/ (evaluation's best weights), export/, visualize/, checkpoints/ holding
+step_XXXXXXXX dirs (model.safetensors, optimizer.pt, rng_<rank>.pt, extra_<name>.safetensors, state.json) and the
+`latest` pointer.
 """
 
 from __future__ import annotations

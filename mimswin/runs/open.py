@@ -17,8 +17,8 @@ import yaml
 from mimswin.config.loading import load_config
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.errors import CheckpointError
-from mimswin.models.factory import build_method
 from mimswin.models.create import timm_kwargs
+from mimswin.models.factory import build_method
 from mimswin.runs.checkpoint import load_model_weights, read_state
 from mimswin.runs.discovery import latest_checkpoint, resolve_checkpoint
 from mimswin.runs.export import read_export

@@ -41,7 +41,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     ))
 
 
-
 def check_precision(cfg: TrainConfig) -> None:
     """fp16 needs a GPU (its grad scaler); refused before anything is built."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available() and not cfg.cpu:
