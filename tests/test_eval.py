@@ -373,3 +373,22 @@ def test_preempted_cached_linprobe_resumes_to_the_uninterrupted_head(pretrained,
                                                                      "model.safetensors:0.running_mean",
                                                                      "model.safetensors:0.running_var",
                                                                      "model.safetensors:0.num_batches_tracked"}
+
+
+def test_finetune_colour_jitter_is_off_unless_asked_and_checked():
+    from torchvision.transforms import ColorJitter
+
+    from mimswin.config import load_config
+    from mimswin.config.evaluation import FinetuneConfig
+    from mimswin.errors import ConfigError
+    from mimswin.programs.finetune import finetune_transform
+
+    def jitters(overrides):
+        cfg = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x", *overrides])
+        return [s for s in finetune_transform(cfg, 28).transforms if isinstance(s, ColorJitter)]
+
+    assert jitters([]) == []
+    (jitter,) = jitters(["aug.color_jitter=0.3"])
+    assert jitter.brightness == pytest.approx((0.7, 1.3)) and jitter.contrast == pytest.approx((0.7, 1.3))
+    with pytest.raises(ConfigError, match="aug.color_jitter"):
+        jitters(["aug.color_jitter=-1"])

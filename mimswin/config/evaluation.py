@@ -30,9 +30,12 @@ class ClassifierConfig:
 
 @dataclass
 class AugmentConfig:
-    """Fine-tuning augmentation from timm: RandAugment, random erasing, Mixup/CutMix, label smoothing."""
+    """Fine-tuning augmentation from timm: RandAugment, colour jitter, random erasing, Mixup/CutMix, label smoothing.
+    `color_jitter` (brightness/contrast/saturation strength) is off by default, as in MAE's fine-tuning (timm's
+    training transform would otherwise add 0.4 whenever RandAugment is off)."""
 
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    color_jitter: Optional[float] = None
     reprob: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -130,6 +133,8 @@ class FinetuneConfig:
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
               f"must be in (0, 1), got {self.ema_decay}")
         check(0 <= self.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {self.aug.smoothing}")
+        check(self.aug.color_jitter is None or self.aug.color_jitter >= 0, "aug.color_jitter",
+              f"must be >= 0 or null, got {self.aug.color_jitter}")
         mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
         check(not mixing or self.data.batch_size % 2 == 0, "data.batch_size",
               f"Mixup/CutMix needs an even batch size, got {self.data.batch_size} (or set aug.mixup=0 aug.cutmix=0)")

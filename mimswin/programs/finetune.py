@@ -34,13 +34,15 @@ POSTERIZE_MAX_MAGNITUDE = 9.99
 
 
 def finetune_transform(cfg: FinetuneConfig, img_size: int) -> Callable:
-    """timm's training transform: random resized crop, flip, RandAugment, normalize, random erasing.
+    """timm's training transform: random resized crop, flip, RandAugment or colour jitter (`aug.color_jitter`; off
+    unless set), normalize, random erasing.
 
     At magnitude 10 timm's PosterizeIncreasing asks Pillow to keep 0 bits, which Pillow >= 11 refuses (ValueError);
     its magnitude is capped just below 10 (1 bit kept, where old Pillow returned a black image).
     """
     transform = create_transform(img_size, is_training=True, scale=tuple(cfg.data.crop_scale),
-                                 hflip=cfg.data.hflip, auto_augment=cfg.aug.auto_augment, interpolation="bicubic",
+                                 hflip=cfg.data.hflip, auto_augment=cfg.aug.auto_augment,
+                                 color_jitter=cfg.aug.color_jitter, interpolation="bicubic",
                                  mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), re_prob=cfg.aug.reprob,
                                  re_mode="pixel", re_count=1)
     for step in transform.transforms:
