@@ -47,8 +47,8 @@ class Method:
 
 METHODS = {
     "mae_vit": Method("MAE ViT", "tiny_mae_vit_cpu", "ViT"),
-    "mae_swin": Method("MAE Swin (visible-only)", "tiny_mae_swin_cpu", "Swin"),
-    "simmim_swin": Method("SimMIM Swin", "tiny_simmim_swin_cpu", "Swin"),
+    "mae_swin": Method("MAE Swin (visible-only)", "tiny_mae_swin_cpu", "Swin", "tiny_finetune_swin_cpu"),
+    "simmim_swin": Method("SimMIM Swin", "tiny_simmim_swin_cpu", "Swin", "tiny_finetune_swin_cpu"),
     "mae_hiera": Method("MAE Hiera (visible units)", "tiny_mae_hiera_cpu", "Hiera", "tiny_finetune_hiera_cpu"),
 }
 TOY = {"ViT": ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "decoder.dim=32", "decoder.heads=2",
