@@ -10,15 +10,18 @@ import timm
 import torch
 from conftest import TINY
 from PIL import Image
+from torchvision.transforms import ColorJitter
 
-from mimswin.config import OptimConfig, TrainConfig
-from mimswin.config.evaluation import ClassifierConfig
+from mimswin.config import OptimConfig, TrainConfig, load_config
+from mimswin.config.evaluation import ClassifierConfig, FinetuneConfig
 from mimswin.data.shard_write import write_shards
+from mimswin.errors import ConfigError
 from mimswin.eval.callbacks import EvaluateEachEpoch
 from mimswin.eval.classifier import build_classifier, classifier_kwargs
 from mimswin.eval.knn import knn_accuracy, knn_predict
 from mimswin.eval.metrics import evaluate, topk_correct
 from mimswin.programs import finetune, knn, linprobe
+from mimswin.programs.finetune import finetune_transform
 from mimswin.programs.linprobe import FrozenEncoderProbe
 from mimswin.programs.pretrain import main as pretrain
 from mimswin.runs.export import export_encoder, read_export
@@ -376,13 +379,6 @@ def test_preempted_cached_linprobe_resumes_to_the_uninterrupted_head(pretrained,
 
 
 def test_finetune_colour_jitter_is_off_unless_asked_and_checked():
-    from torchvision.transforms import ColorJitter
-
-    from mimswin.config import load_config
-    from mimswin.config.evaluation import FinetuneConfig
-    from mimswin.errors import ConfigError
-    from mimswin.programs.finetune import finetune_transform
-
     def jitters(overrides):
         cfg = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x", *overrides])
         return [s for s in finetune_transform(cfg, 28).transforms if isinstance(s, ColorJitter)]
