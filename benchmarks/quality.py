@@ -89,12 +89,14 @@ def subset_overrides(fraction: float) -> List[str]:
 
 
 def low_label_finetune(fraction: float, steps: int) -> List[str]:
-    """Batch and epochs of a fine-tune on `fraction` of the labels: about `steps` steps, a batch the subset fills."""
+    """Batch and epochs of a fine-tune on `fraction` of the labels: about `steps` steps, a batch the subset fills,
+    the lr warmed up over the first fifth (at full lr from step 0, a 3e-3 Swin fine-tune at 10 % labels fell from its
+    probe-initialised head to 17.6 % in 36 steps and ended at 22.9; warmed up: 42.9)."""
     count = CLASSES * max(1, round(fraction * TRAIN_PER_CLASS))
     batch = min(64, count - count % 2)
     epochs = math.ceil(steps / (count // batch))
     return [f"data.batch_size={batch}", f"train.epochs={epochs}", f"eval_every={max(1, epochs // 4)}",
-            "optim.warmup_epochs=0"]
+            f"optim.warmup_epochs={max(1, epochs // 5)}"]
 
 
 class Bench:

@@ -190,6 +190,16 @@ def test_label_subset_on_shards_is_one_clear_error(pretrained, tmp_path, capsys)
     assert code == 2 and "map-style source" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.01])
+def test_low_label_finetune_runs_about_the_asked_steps_and_warms_up_over_a_fifth(fraction):
+    args = dict(arg.split("=") for arg in quality.low_label_finetune(fraction, 150))
+    images = quality.CLASSES * round(fraction * quality.TRAIN_PER_CLASS)
+    batch, epochs, warmup = int(args["data.batch_size"]), int(args["train.epochs"]), int(args["optim.warmup_epochs"])
+    per_epoch = images // batch
+    assert batch <= images and 150 <= epochs * per_epoch < 150 + per_epoch
+    assert warmup == epochs // 5
+
+
 def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
     out = tmp_path / "quality"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/quality.py"), "--budget", "smoke", "--out",
