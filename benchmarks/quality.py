@@ -3,6 +3,7 @@ pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accur
 
     python benchmarks/quality.py --budget quick      # the README path (tiny MAE ViT) and its baselines
     python benchmarks/quality.py --budget full       # + MAE Swin, SimMIM Swin, MAE Hiera; all label fractions
+    python benchmarks/quality.py --budget long       # MAE ViT pretrained 4x longer (40 epochs), curve every 5
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
@@ -77,6 +78,7 @@ BUDGETS = {
                     ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"], 2, toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
+    "long": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 8, ["train.epochs=40"]),
 }
 
 
