@@ -93,7 +93,8 @@ def subset_overrides(fraction: float) -> List[str]:
 def low_label_finetune(fraction: float, steps: int) -> List[str]:
     """Batch and epochs of a fine-tune on `fraction` of the labels: about `steps` steps, a batch the subset fills,
     the lr warmed up over the first fifth (at full lr from step 0, a 3e-3 Swin fine-tune at 10 % labels fell from its
-    probe-initialised head to 17.6 % in 36 steps and ended at 22.9; warmed up: 42.9)."""
+    probe-initialised head to 17.6 % in 36 steps and ended at 22.9; warmed up: 42.9 with one loader worker, 35.1
+    with two)."""
     count = CLASSES * max(1, round(fraction * TRAIN_PER_CLASS))
     batch = min(64, count - count % 2)
     epochs = math.ceil(steps / (count // batch))
