@@ -5,6 +5,7 @@ pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accur
     python benchmarks/quality.py --budget full       # + MAE Swin, SimMIM Swin, MAE Hiera; all label fractions
     python benchmarks/quality.py --budget long       # MAE ViT pretrained 4x longer (40 epochs), curve every 5
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
+    python benchmarks/quality.py --budget full --seeds 3   # reduced-label columns: mean ± std over 3 label subsets
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
 presets and the overrides printed beside it in the JSON, so each one can be reproduced from the command line.
@@ -17,7 +18,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -71,6 +72,7 @@ class Budget:
     linprobe: List[str] = field(default_factory=list)
     low_label_steps: int = 150
     toy: bool = False
+    seeds: int = 1
 
 
 BUDGETS = {
@@ -88,6 +90,33 @@ def fraction_label(fraction: float) -> str:
 
 def subset_overrides(fraction: float) -> List[str]:
     return [] if fraction >= 1 else [f"data.label_fraction={fraction}"]
+
+
+def seed_overrides(seed: int) -> List[str]:
+    """Seed `seed` of a reduced-label evaluation: its labeled subset and its run (head init, crops, order); seed 0 is
+    the presets' own."""
+    return [f"data.label_seed={seed}", f"train.seed={seed}"] if seed else []
+
+
+def seed_tag(seed: int) -> str:
+    return f"_seed{seed}" if seed else ""
+
+
+def mean_over_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One cell from the runs over label seeds: each accuracy's mean, with its per-seed values and (for more than one
+    seed) its sample standard deviation; times summed."""
+    cell: Dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        if key.endswith("seconds") or key.endswith("_s") or None in values:
+            cell[key] = sum(values) if None not in values else None
+            continue
+        mean = sum(values) / len(values)
+        cell[key] = mean
+        if len(values) > 1:
+            cell[f"{key}_seeds"] = values
+            cell[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return cell
 
 
 def low_label_finetune(fraction: float, steps: int) -> List[str]:
@@ -125,32 +154,40 @@ class Bench:
         self.results["rows"].setdefault(key, {})["pretrain_s"] = trainer_run["seconds"]
         return run
 
-    def probe(self, key: str, source: Path, fraction: float, random: bool = False) -> Dict[str, Any]:
-        tag = f"{key}/probe_{fraction_label(fraction)}{'_random' if random else ''}"
+    def probe(self, key: str, source: Path, fraction: float, random: bool = False, seed: int = 0) -> Dict[str, Any]:
+        tag = f"{key}/probe_{fraction_label(fraction)}{'_random' if random else ''}{seed_tag(seed)}"
         argv = ["--config", "tiny_linprobe_cpu", "--from", str(source), f"train.output_dir={self.out / tag}",
-                *subset_overrides(fraction), *(["random_init=true"] if random else []), *self.budget.linprobe]
+                *subset_overrides(fraction), *seed_overrides(seed), *(["random_init=true"] if random else []),
+                *self.budget.linprobe]
         run = self.call(tag, linprobe, "linprobe", argv)
         return {"probe": run["result"]["last"]["val_top1"], "knn": run["result"].get("knn_top1"),
                 "seconds": run["seconds"]}
 
     def finetune(self, key: str, source: Path, fraction: float, random: bool = False,
-                 preset: str = "tiny_finetune_cpu") -> Dict[str, Any]:
-        tag = f"{key}/finetune_{fraction_label(fraction)}{'_random' if random else ''}"
+                 preset: str = "tiny_finetune_cpu", seed: int = 0) -> Dict[str, Any]:
+        tag = f"{key}/finetune_{fraction_label(fraction)}{'_random' if random else ''}{seed_tag(seed)}"
         length = [] if fraction >= 1 else low_label_finetune(fraction, self.budget.low_label_steps)
         argv = ["--config", preset, "--from", str(source), f"train.output_dir={self.out / tag}",
-                *subset_overrides(fraction), *length, *(["random_init=true"] if random else []),
-                *self.budget.finetune]
+                *subset_overrides(fraction), *seed_overrides(seed), *length,
+                *(["random_init=true"] if random else []), *self.budget.finetune]
         run = self.call(tag, finetune, "finetune", argv)
         return {"finetune": run["result"]["last"]["val_top1"], "finetune_s": run["seconds"]}
 
     def evaluate(self, key: str, source: Path, random: bool, method: Method) -> Dict[str, Any]:
         row: Dict[str, Any] = {}
         for fraction in self.budget.fractions:
-            row[fraction_label(fraction)] = self.probe(key, source, fraction, random)
-        for fraction in self.budget.finetune_fractions:
-            row[fraction_label(fraction)].update(self.finetune(key, source, fraction, random,
-                                                               method.finetune_preset))
+            runs = []
+            for seed in self.seeds(fraction):
+                run = self.probe(key, source, fraction, random, seed)
+                if fraction in self.budget.finetune_fractions:
+                    run.update(self.finetune(key, source, fraction, random, method.finetune_preset, seed))
+                runs.append(run)
+            row[fraction_label(fraction)] = mean_over_seeds(runs)
         return row
+
+    def seeds(self, fraction: float) -> range:
+        """Full labels are one fixed set; a reduced fraction is measured on `budget.seeds` seeded subsets."""
+        return range(1 if fraction >= 1 else self.budget.seeds)
 
     def curve(self, key: str, run: Path) -> List[Dict[str, Any]]:
         """Probe and k-NN (at the budget's first label fraction) of the checkpoints along the pretraining, epoch 0
@@ -169,12 +206,14 @@ class Bench:
         row: Dict[str, Any] = {}
         train_x, train_y, val_x, val_y = raw_pixel_features()
         for fraction in self.budget.fractions:
-            keep = labeled_subset(train_y, fraction if fraction < 1 else None, None, 0)
-            start = time.perf_counter()
-            probe = logistic_probe(train_x[keep], train_y[keep], val_x, val_y, CLASSES)
-            knn = knn_accuracy(train_x[keep], train_y[keep], val_x, val_y, CLASSES, KNN_K, KNN_T)
-            row[fraction_label(fraction)] = {"probe": probe["top1"], "knn": knn["top1"],
-                                             "seconds": time.perf_counter() - start}
+            runs = []
+            for seed in self.seeds(fraction):
+                keep = labeled_subset(train_y, fraction if fraction < 1 else None, None, seed)
+                start = time.perf_counter()
+                probe = logistic_probe(train_x[keep], train_y[keep], val_x, val_y, CLASSES)
+                knn = knn_accuracy(train_x[keep], train_y[keep], val_x, val_y, CLASSES, KNN_K, KNN_T)
+                runs.append({"probe": probe["top1"], "knn": knn["top1"], "seconds": time.perf_counter() - start})
+            row[fraction_label(fraction)] = mean_over_seeds(runs)
         return row
 
     def run(self, methods: Sequence[str]) -> Dict[str, Any]:
@@ -223,7 +262,8 @@ COLUMN_NAMES = {"probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
 
 
 def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
-    """One row per method / baseline; columns probe, k-NN, fine-tune at each label fraction, and wall time."""
+    """One row per method / baseline; columns probe, k-NN, fine-tune at each label fraction (mean ± std over the
+    label seeds where there are several), and wall time."""
     labels = [fraction_label(f) for f in fractions]
     header = ["row"] + [f"{COLUMN_NAMES[c]} {label}" for c in COLUMNS for label in labels] + ["wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -231,8 +271,8 @@ def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
         cells = [row["name"]]
         for column in COLUMNS:
             for label in labels:
-                value = row.get(label, {}).get(column)
-                cells.append("–" if value is None else f"{value:.1f}")
+                value, std = row.get(label, {}).get(column), row.get(label, {}).get(f"{column}_std")
+                cells.append("–" if value is None else f"{value:.1f}" + ("" if std is None else f" ± {std:.1f}"))
         seconds = row.get("pretrain_s", 0.0) + sum(row.get(label, {}).get(key, 0.0) for label in labels
                                                    for key in ("seconds", "finetune_s"))
         cells.append(f"{seconds:.0f}")
@@ -273,8 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="label subsets (and run seeds) each reduced-label column is averaged over; default 1")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error(f"--seeds must be >= 1, got {args.seeds}")
+        budget = replace(budget, seeds=args.seeds)
     methods = budget.methods if args.methods is None else tuple(args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -282,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(budget, args.out)
     bench.results["budget"] = {"name": args.budget, "methods": list(methods), "fractions": list(budget.fractions),
+                               "seeds": budget.seeds,
                                "torch": torch.__version__, "threads": torch.get_num_threads()}
     results = bench.run(methods)
     table = markdown_table(results, budget.fractions)

@@ -2,6 +2,7 @@
 probe-initialised fine-tune head, legible pictures, and the quality benchmark end to end."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -200,10 +201,26 @@ def test_low_label_finetune_runs_about_the_asked_steps_and_warms_up_over_a_fifth
     assert warmup == epochs // 5
 
 
+def test_mean_over_seeds_averages_accuracies_sums_times_and_keeps_each_seed():
+    cell = quality.mean_over_seeds([{"probe": 40.0, "knn": None, "seconds": 2.0, "finetune": 50.0, "finetune_s": 3.0},
+                                    {"probe": 44.0, "knn": None, "seconds": 1.0, "finetune": 53.0, "finetune_s": 4.0},
+                                    {"probe": 45.0, "knn": None, "seconds": 1.5, "finetune": 56.0, "finetune_s": 5.0}])
+    assert cell["probe"] == pytest.approx(43.0) and cell["probe_std"] == pytest.approx(statistics.stdev([40, 44, 45]))
+    assert cell["finetune_seeds"] == [50.0, 53.0, 56.0] and cell["finetune_std"] == pytest.approx(3.0)
+    assert cell["seconds"] == 4.5 and cell["finetune_s"] == 12.0 and cell["knn"] is None
+    assert quality.mean_over_seeds([{"probe": 40.0, "seconds": 2.0}]) == {"probe": 40.0, "seconds": 2.0}
+
+
+def test_quality_benchmark_refuses_fewer_than_one_seed(capsys):
+    with pytest.raises(SystemExit) as stop:
+        quality.main(["--seeds", "0"])
+    assert stop.value.code == 2 and "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
     out = tmp_path / "quality"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/quality.py"), "--budget", "smoke", "--out",
-                           str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                           str(out), "--seeds", "2"], capture_output=True, text=True, cwd=tmp_path, timeout=900,
                           env={**__import__("os").environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "quality.json").read_text())
@@ -213,7 +230,12 @@ def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
             assert 0 <= results["rows"][key]["10%"][column] <= 100
         assert 0 <= results["rows"][key]["1%"]["probe"] <= 100 and "finetune" not in results["rows"][key]["1%"]
     assert results["rows"]["raw_pixels"]["10%"]["probe"] > 70
+    raw = results["rows"]["raw_pixels"]["10%"]["probe_seeds"]
+    assert len(raw) == 2 and raw[0] != raw[1], "each seed draws its own labeled subset"
+    seeded = results["commands"]["mae_vit/finetune_10%_seed1"]
+    assert "data.label_seed=1" in seeded and "train.seed=1" in seeded
+    assert "label_seed" not in results["commands"]["mae_vit/finetune_10%"]
     assert results["curves"]["mae_vit"] and "launch/linprobe.py" in results["commands"]["mae_vit/probe_10%"]
     table = (out / "quality.md").read_text()
-    assert "| MAE ViT |" in table and "raw pixels" in table and table in done.stdout
+    assert "| MAE ViT |" in table and "raw pixels" in table and " ± " in table and table in done.stdout
     assert (out / "quality_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
