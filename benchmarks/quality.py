@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from mimswin.programs import finetune, linprobe, pretrain
 CLASSES = 10
 TRAIN_PER_CLASS = 400  # the embedded train split: 4000 images, 400 of each digit
 KNN_K, KNN_T = 20, 0.07
+TIME_KEYS = ("seconds", "finetune_s")  # a cell's wall times (probe + k-NN, fine-tune), beside its accuracies
 
 
 @dataclass
@@ -108,14 +110,15 @@ def mean_over_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     cell: Dict[str, Any] = {}
     for key in runs[0]:
         values = [run[key] for run in runs]
-        if key.endswith("seconds") or key.endswith("_s") or None in values:
-            cell[key] = sum(values) if None not in values else None
-            continue
-        mean = sum(values) / len(values)
-        cell[key] = mean
-        if len(values) > 1:
-            cell[f"{key}_seeds"] = values
-            cell[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        if None in values:
+            cell[key] = None
+        elif key in TIME_KEYS:
+            cell[key] = sum(values)
+        else:
+            cell[key] = statistics.mean(values)
+            if len(values) > 1:
+                cell[f"{key}_seeds"] = values
+                cell[f"{key}_std"] = statistics.stdev(values)
     return cell
 
 
@@ -274,7 +277,7 @@ def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
                 value, std = row.get(label, {}).get(column), row.get(label, {}).get(f"{column}_std")
                 cells.append("–" if value is None else f"{value:.1f}" + ("" if std is None else f" ± {std:.1f}"))
         seconds = row.get("pretrain_s", 0.0) + sum(row.get(label, {}).get(key, 0.0) for label in labels
-                                                   for key in ("seconds", "finetune_s"))
+                                                   for key in TIME_KEYS)
         cells.append(f"{seconds:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
