@@ -145,7 +145,7 @@ def test_hidden_pixels_cannot_change_the_prediction_but_visible_ones_do():
     mae = build()
     images = torch.randn(2, 3, 32, 32)
     mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(4))
-    hidden_px = cell_pixels(mask.hidden, mae.grid, mae.patch_size)
+    hidden_px = cell_pixels(mask.hidden, mae.grid, mae.target_px)
     noise = torch.randn_like(images)
     with torch.no_grad():
         pred = mae(images, mask).pred
@@ -155,7 +155,7 @@ def test_hidden_pixels_cannot_change_the_prediction_but_visible_ones_do():
 
 def test_masks_hide_whole_units_and_predictions_cover_each_final_token_footprint():
     mae = build()
-    assert mae.patch_size == 4 and mae.grid == (8, 8) and mae.mask_unit == 2 and mae.mask_ratio == 0.6
+    assert mae.target_px == 4 and mae.grid == (8, 8) and mae.unit_cells == 2 and mae.mask_ratio == 0.6
     out = mae(torch.rand(2, 3, 32, 32))
     assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * 3)
     units = out.mask.hidden.view(2, 4, 2, 4, 2)
@@ -228,7 +228,7 @@ def test_full_size_preset_builds_and_its_encoder_is_the_plain_timm_hiera_base():
         built = build_method(cfg)
         plain = timm.create_model(m.name, pretrained=False,
                                   **timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate, m.kwargs))
-    assert type(built).__name__ == "HieraMAE" and built.grid == (14, 14) and built.patch_size == 16
+    assert type(built).__name__ == "HieraMAE" and built.grid == (14, 14) and built.target_px == 16
     assert built.encoder.unit_grid == (7, 7) and built.decoder.fused == [0, 1, 3] and built.mask_ratio == 0.6
     assert built.encoder.model.state_dict().keys() == {k for k in plain.state_dict() if not k.startswith("head.fc.")}
 

@@ -121,7 +121,7 @@ def test_bad_sizes_are_one_clear_config_error(overrides, message):
 
 def test_default_mask_unit_is_32px_with_l1_loss():
     simmim = build(["model.img_size=64", "mask.unit=null", "loss.kind=null"])
-    assert isinstance(simmim, SimMIM) and simmim.unit == 32 and simmim.loss_kind == "l1"
+    assert isinstance(simmim, SimMIM) and simmim.unit_px == 32 and simmim.loss_kind == "l1"
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def masked_key_reference(swin, image, hidden_cells):
 def test_nothing_masked_equals_timm_swin_forward_features(overrides):
     encoder = build(overrides).encoder.eval()
     images = torch.randn(2, 3, *encoder.model.patch_embed.img_size)
-    keep = torch.arange(encoder.num_patches).expand(2, -1)
+    keep = torch.arange(encoder.num_cells).expand(2, -1)
     with torch.no_grad():
         tokens = encoder.forward_masked(images, keep).tokens
         reference = encoder.model.forward_features(images).flatten(1, 2)
@@ -62,7 +62,7 @@ def test_nothing_masked_equals_timm_swin_forward_features(overrides):
 def test_each_visible_token_equals_timm_swin_at_its_own_position_with_hidden_keys_ignored(overrides):
     encoder = build(overrides).encoder.eval()
     images = torch.randn(3, 3, *encoder.model.patch_embed.img_size)
-    mask = random_mask(3, encoder.num_patches, 0.6, generator=torch.Generator().manual_seed(1))
+    mask = random_mask(3, encoder.num_cells, 0.6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         tokens = encoder.forward_masked(images, mask.keep).tokens
         for b in range(3):
@@ -73,7 +73,7 @@ def test_each_visible_token_equals_timm_swin_at_its_own_position_with_hidden_key
 def test_tokens_given_in_any_order_come_back_in_that_order():
     encoder = build(STRADDLE).encoder.eval()
     images = torch.randn(2, 3, 56, 56)
-    keep = torch.stack([torch.randperm(encoder.num_patches)[:12] for _ in range(2)])
+    keep = torch.stack([torch.randperm(encoder.num_cells)[:12] for _ in range(2)])
     with torch.no_grad():
         shuffled = encoder.forward_masked(images, keep)
         ordered = encoder.forward_masked(images, keep.sort(1).values)
@@ -102,14 +102,14 @@ def test_visible_tokens_land_at_their_own_positions_in_the_decoder_input():
     swin.patch_embed = TagCells(swin.patch_embed, 16)
     swin.layers, swin.norm = nn.Sequential(), nn.Identity()
     encoder = VisibleSwin(swin)
-    mask = random_mask(4, encoder.num_patches, 0.75, generator=torch.Generator().manual_seed(3))
+    mask = random_mask(4, encoder.num_cells, 0.75, generator=torch.Generator().manual_seed(3))
     encoded = encoder.forward_masked(torch.zeros(4, 3, 32, 32), mask.keep)
     assert torch.equal(encoded.tokens[..., 0], mask.keep.float())
 
     decoder = MAEDecoder(16, encoder.grid, 48, dim=16, depth=0, heads=2, prefix_tokens=0)
     decoder.mask_token.data.fill_(-1.0)
     placed = decoder.place(encoded.tokens, encoded.positions)[..., 0]
-    positions = torch.arange(encoder.num_patches, dtype=torch.float32).expand(4, -1)
+    positions = torch.arange(encoder.num_cells, dtype=torch.float32).expand(4, -1)
     assert torch.equal(placed[~mask.hidden], positions[~mask.hidden])
     assert torch.all(placed[mask.hidden] == -1)
 
@@ -121,7 +121,7 @@ def test_compute_falls_with_the_mask_ratio():
     images = torch.randn(2, 3, 56, 56)
     flops = {}
     for ratio in (0.0, 0.75):
-        keep = random_mask(2, encoder.num_patches, ratio).keep
+        keep = random_mask(2, encoder.num_cells, ratio).keep
         with FlopCounterMode(display=False) as counter:
             encoder.forward_masked(images, keep)
         flops[ratio] = counter.get_total_flops()
@@ -130,7 +130,7 @@ def test_compute_falls_with_the_mask_ratio():
 
 def test_masks_hide_whole_cells_and_targets_are_per_cell_normalized():
     mae = build([])
-    assert mae.patch_size == 4 and mae.grid == (8, 8)
+    assert mae.target_px == 4 and mae.grid == (8, 8)
     out = mae(torch.rand(2, 3, 32, 32))
     assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * 3)
     torch.testing.assert_close(out.target.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)

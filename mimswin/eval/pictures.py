@@ -28,8 +28,8 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     generator = torch.Generator(images.device).manual_seed(PICTURE_MASK_SEED)
     mask = method.draw_mask(images.shape[0], images.device, generator)
     out = method(images, mask)
-    pred = denormalize_prediction(out.pred.float(), images, method.patch_size) if method.norm_pix else out.pred
-    channels, p = images.shape[1], method.patch_size
+    pred = denormalize_prediction(out.pred.float(), images, method.target_px) if method.norm_pix else out.pred
+    channels, p = images.shape[1], method.target_px
     recon = unpatchify(pred.float(), p, method.grid, channels)
     hidden = unpatchify(mask.hidden[..., None].expand(-1, -1, p * p * channels).float(), p, method.grid, channels)
     method.train(was_training)

@@ -51,7 +51,7 @@ class MAEDecoder(nn.Module):
         mae_init(self)
 
     @property
-    def num_patches(self) -> int:
+    def num_cells(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def no_weight_decay(self) -> set[str]:
@@ -63,10 +63,10 @@ class MAEDecoder(nn.Module):
 
     def place(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Embedded visible tokens [B, L, dim] put at their grid positions; every other position is the mask token."""
-        return scatter_tokens(tokens, positions, self.mask_token, self.num_patches)
+        return scatter_tokens(tokens, positions, self.mask_token, self.num_cells)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> per-patch predictions [B, N, out_dim]."""
+        """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> per-cell predictions [B, N, out_dim]."""
         grid = self.place(self.embed(tokens), positions) + self.pos_embed[:, self.prefix_tokens:]
         head = self.embed(prefix) + self.pos_embed[:, : self.prefix_tokens]
         x = torch.cat([head, grid], dim=1)

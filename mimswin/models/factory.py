@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 from timm.models.hiera import Hiera
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.errors import ConfigError
 from mimswin.models.create import create_timm_encoder
 from mimswin.models.decoders import MAEDecoder
+from mimswin.models.encoder import MaskedEncoder
 from mimswin.models.hiera_mae import HieraMAE, build_hiera_mae
 from mimswin.models.mae import MAE
 from mimswin.models.simmim import MaskTokenEncoder, SimMIM
@@ -19,6 +21,11 @@ from mimswin.models.swin import VisibleSwin
 from mimswin.models.vit import MaskedViT
 
 SIMMIM_MASK_UNIT = 32
+# timm model class -> the wrapper that makes it a visible-tokens MAE encoder with the plain MAE decoder
+MAE_ENCODERS: Sequence[Tuple[type, Callable[[nn.Module], MaskedEncoder]]] = (
+    (SwinTransformer, VisibleSwin),
+    (VisionTransformer, MaskedViT),
+)
 
 
 def mask_unit_cells(unit_px: Optional[int], cell_px: int, grid: tuple[int, int]) -> int:
@@ -36,21 +43,17 @@ def build_method(cfg: PretrainConfig) -> Union[MAE, HieraMAE, SimMIM]:
     """The pretraining model a config describes, with freshly initialised weights (never downloaded)."""
     m = cfg.model
     model = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
-    in_chans = model.patch_embed.proj.in_channels
     if cfg.method == "simmim":
-        unit = cfg.mask.unit or SIMMIM_MASK_UNIT
-        return SimMIM(MaskTokenEncoder(model), unit, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "l1",
-                      in_chans)
+        unit_px = cfg.mask.unit or SIMMIM_MASK_UNIT
+        return SimMIM(MaskTokenEncoder(model), unit_px, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "l1")
     if isinstance(model, Hiera):
-        return build_hiera_mae(model, cfg, in_chans)
-    if isinstance(model, SwinTransformer):
-        encoder: Union[MaskedViT, VisibleSwin] = VisibleSwin(model)
-    elif isinstance(model, VisionTransformer):
-        encoder = MaskedViT(model)
-    else:
+        return build_hiera_mae(model, cfg)
+    wrapper = next((wrap for family, wrap in MAE_ENCODERS if isinstance(model, family)), None)
+    if wrapper is None:
         raise ConfigError(f"config key 'model.name': MAE needs a timm VisionTransformer, SwinTransformer or Hiera, "
                           f"got {type(model).__name__}")
-    decoder = MAEDecoder(encoder.embed_dim, encoder.grid, encoder.patch_size ** 2 * in_chans, cfg.decoder.dim,
+    encoder = wrapper(model)
+    decoder = MAEDecoder(encoder.embed_dim, encoder.grid, encoder.cell_px ** 2 * encoder.in_chans, cfg.decoder.dim,
                          cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.mlp_ratio, encoder.num_prefix_tokens)
-    unit = mask_unit_cells(cfg.mask.unit, encoder.patch_size, encoder.grid)
-    return MAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, unit, cfg.loss.kind or "mse")
+    unit_cells = mask_unit_cells(cfg.mask.unit, encoder.cell_px, encoder.grid)
+    return MAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, unit_cells, cfg.loss.kind or "mse")

@@ -16,6 +16,7 @@ from timm.models.hiera import Hiera
 from torch import nn
 
 from mimswin.errors import ConfigError
+from mimswin.models.encoder import timm_in_chans
 
 
 class HieraStages(NamedTuple):
@@ -57,7 +58,8 @@ def check_hiera(model: nn.Module) -> Hiera:
 
 class MaskedHiera(nn.Module):
     """Wraps `timm.create_model(hiera name)`: `model` holds exactly the timm weights; `forward_masked` encodes only the
-    visible mask units and returns every stage's output per unit, for the decoder's multi-scale fusion."""
+    visible mask units and returns every stage's output per unit, for the decoder's multi-scale fusion. A
+    `MaskedEncoder` whose cells are the final-stage tokens; it takes the indices of visible *units*."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -83,18 +85,23 @@ class MaskedHiera(nn.Module):
 
     @property
     def grid(self) -> tuple[int, int]:
-        """The final-stage token grid: where MAE predicts, one `patch_size` footprint per token."""
+        """The final-stage token grid: where MAE predicts, one `cell_px` footprint per token."""
         side = self.stage_sides[-1]
         return self.unit_grid[0] * side, self.unit_grid[1] * side
 
     @property
-    def patch_size(self) -> int:
-        return self.token_px
-
-    @property
-    def token_px(self) -> int:
+    def cell_px(self) -> int:
         """Pixels per final-stage token side: patch stride x q_stride^q_pool."""
         return self.model.patch_stride[0] * self.model.q_stride[0] ** self.model.q_pool
+
+    @property
+    def in_chans(self) -> int:
+        return timm_in_chans(self.model)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the last stage."""
+        return self.stage_dims[-1]
 
     @property
     def unit_px(self) -> int:

@@ -2,8 +2,8 @@
 final-stage resolution, decode the full final-stage grid, and regress the normalized pixels of the hidden units.
 
 The prediction grid is the final-stage token grid: each token predicts its own footprint of patch stride x
-q_stride^q_pool px (16 px for Hiera-B at 224 with MAE's q_pool 2, 4 px for the tiny CPU preset), so `patch_size`,
-`grid` and the mask of `MIMOutput` all refer to that grid and a mask unit covers `mask_unit` x `mask_unit` of it.
+q_stride^q_pool px (16 px for Hiera-B at 224 with MAE's q_pool 2, 4 px for the tiny CPU preset), so `target_px`,
+`grid` and the mask of `MIMOutput` all refer to that grid and a mask unit covers `unit_cells` x `unit_cells` of it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class HieraMAEDecoder(nn.Module):
             if s != len(stage_dims) - 1 else nn.Identity() for s in self.fused])
         self.embed = nn.Linear(width, dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_cells, dim))
         self.blocks, self.norm, self.pred = decoder_trunk(dim, depth, heads, mlp_ratio, out_dim)
         self.grad_checkpointing = False
         self.reset_parameters()
@@ -62,7 +62,7 @@ class HieraMAEDecoder(nn.Module):
         return self.unit_grid[0] * self.side, self.unit_grid[1] * self.side
 
     @property
-    def num_patches(self) -> int:
+    def num_cells(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def no_weight_decay(self) -> set[str]:
@@ -109,7 +109,7 @@ class HieraMAE(MAE):
 
     def visible_units(self, mask: MaskSample) -> torch.Tensor:
         """[B, L] indices of the mask units a prediction-grid mask leaves visible (it must hide whole units)."""
-        cells = self.mask_unit
+        cells = self.unit_cells
         hidden = mask.hidden.view(-1, self.grid[0] // cells, cells, self.grid[1] // cells, cells)[:, :, 0, :, 0]
         count = mask.keep.shape[1] // cells ** 2
         return torch.argsort(hidden.flatten(1).to(torch.int8), dim=1, stable=True)[:, :count]
@@ -119,11 +119,11 @@ class HieraMAE(MAE):
         encoded = self.encoder.forward_masked(images, self.visible_units(mask))
         fused = self.encoder.norm(self.decoder.fuse(encoded.stages))
         pred = self.decoder(fused, encoded.positions)
-        target = pixel_targets(images, self.patch_size, self.norm_pix)
+        target = pixel_targets(images, self.target_px, self.norm_pix)
         return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)
 
 
-def build_hiera_mae(model: nn.Module, cfg: PretrainConfig, in_chans: int) -> HieraMAE:
+def build_hiera_mae(model: nn.Module, cfg: PretrainConfig) -> HieraMAE:
     """The Hiera MAE of a config around a freshly built timm Hiera, or one clear ConfigError."""
     encoder = MaskedHiera(model)
     size, unit = cfg.model.img_size, encoder.unit_px
@@ -135,6 +135,6 @@ def build_hiera_mae(model: nn.Module, cfg: PretrainConfig, in_chans: int) -> Hie
                           f"change model.kwargs.mask_unit_size / patch_stride instead")
     m, d = encoder.model, cfg.decoder
     decoder = HieraMAEDecoder(encoder.stage_dims, encoder.stage_sides, fused_stages(len(m.stage_ends), m.q_pool),
-                              encoder.unit_grid, encoder.token_px ** 2 * in_chans, d.dim, d.depth, d.heads,
+                              encoder.unit_grid, encoder.cell_px ** 2 * encoder.in_chans, d.dim, d.depth, d.heads,
                               d.mlp_ratio)
     return HieraMAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "mse")

@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
-from mimswin.models.decoders import MAEDecoder
+from mimswin.models.encoder import MaskedEncoder
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.masking import MaskSample, unit_mask
 from mimswin.models.patches import pixel_targets
-from mimswin.models.swin import VisibleSwin
-from mimswin.models.vit import MaskedViT
 
 
 class MAE(nn.Module):
     """Masked autoencoder: a visible-token encoder, a light decoder and a loss on normalized pixels of hidden patches.
 
-    The encoder is a ViT (grid = patches) or a visible-only Swin (grid = final-stage cells); masks hide squares of
-    `mask_unit` x `mask_unit` grid cells.
+    The encoder is a ViT (grid = patches) or a visible-only Swin (grid = final-stage cells); each prediction is one
+    cell (`target_px` = the encoder's `cell_px`); masks hide squares of `unit_cells` x `unit_cells` cells.
     """
 
-    def __init__(self, encoder: Union[MaskedViT, VisibleSwin], decoder: MAEDecoder, mask_ratio: float = 0.75,
-                 norm_pix: bool = True, mask_unit: int = 1, loss_kind: str = "mse") -> None:
+    def __init__(self, encoder: MaskedEncoder, decoder: nn.Module, mask_ratio: float = 0.75,
+                 norm_pix: bool = True, unit_cells: int = 1, loss_kind: str = "mse") -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
-        self.mask_ratio, self.norm_pix, self.mask_unit, self.loss_kind = mask_ratio, norm_pix, mask_unit, loss_kind
+        self.mask_ratio, self.norm_pix, self.unit_cells, self.loss_kind = mask_ratio, norm_pix, unit_cells, loss_kind
 
     @property
-    def patch_size(self) -> int:
-        return self.encoder.patch_size
+    def target_px(self) -> int:
+        return self.encoder.cell_px
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -41,11 +39,11 @@ class MAE(nn.Module):
             f"decoder.{n}" for n in self.decoder.no_weight_decay()}
 
     def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> MaskSample:
-        return unit_mask(batch, self.grid, self.mask_unit, self.mask_ratio, device, generator)
+        return unit_mask(batch, self.grid, self.unit_cells, self.mask_ratio, device, generator)
 
     def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         encoded = self.encoder.forward_masked(images, mask.keep)
         pred = self.decoder(encoded.tokens, encoded.positions, encoded.prefix)
-        target = pixel_targets(images, self.patch_size, self.norm_pix)
+        target = pixel_targets(images, self.target_px, self.norm_pix)
         return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)

@@ -14,23 +14,23 @@ class MaskSample(NamedTuple):
     keep: torch.Tensor
 
 
-def num_visible(num_patches: int, ratio: float) -> int:
+def num_visible(num_cells: int, ratio: float) -> int:
     """Visible patches per sample for a mask ratio (MAE's rounding: int(N * (1 - ratio)), at least one)."""
-    return max(1, int(num_patches * (1.0 - ratio)))
+    return max(1, int(num_cells * (1.0 - ratio)))
 
 
 def random_mask(
     batch: int,
-    num_patches: int,
+    num_cells: int,
     ratio: float,
     device: torch.device | str = "cpu",
     generator: Optional[torch.Generator] = None,
 ) -> MaskSample:
     """Per-sample uniform random masking by argsort of noise (MAE); made on `device`, no host sync."""
-    keep_count = num_visible(num_patches, ratio)
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    keep_count = num_visible(num_cells, ratio)
+    noise = torch.rand(batch, num_cells, device=device, generator=generator)
     keep = torch.argsort(noise, dim=1)[:, :keep_count].sort(dim=1).values
-    hidden = torch.ones(batch, num_patches, dtype=torch.bool, device=device)
+    hidden = torch.ones(batch, num_cells, dtype=torch.bool, device=device)
     hidden.scatter_(1, keep, False)
     return MaskSample(hidden=hidden, keep=keep)
 

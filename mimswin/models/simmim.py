@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimswin.errors import ConfigError
+from mimswin.models.encoder import timm_in_chans
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.masking import MaskSample, random_mask
 from mimswin.models.patches import patchify, pixel_targets
@@ -20,7 +21,9 @@ from mimswin.models.swin import check_swin, output_stride, swin_forward_with_mas
 
 
 class MaskTokenEncoder(nn.Module):
-    """A timm ViT or Swin (`model`, exported as is) plus the mask token that stands in for hidden patches."""
+    """A timm ViT or Swin (`model`, exported as is) plus the mask token that stands in for hidden patches. A
+    `MaskedEncoder` whose mask is a hidden map over the patches (`patch_grid`, `patch_px` each) and whose output cells
+    (`grid`, `cell_px`) are the last feature map's tokens."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -40,7 +43,7 @@ class MaskTokenEncoder(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
 
     @property
-    def patch_size(self) -> int:
+    def patch_px(self) -> int:
         return self.model.patch_embed.patch_size[0]
 
     @property
@@ -48,19 +51,28 @@ class MaskTokenEncoder(nn.Module):
         return tuple(self.model.patch_embed.grid_size)
 
     @property
-    def out_stride(self) -> int:
+    def cell_px(self) -> int:
         """Pixels per token side of the last feature map (the head's PixelShuffle factor)."""
-        return output_stride(self.model) if isinstance(self.model, SwinTransformer) else self.patch_size
+        return output_stride(self.model) if isinstance(self.model, SwinTransformer) else self.patch_px
 
     @property
-    def out_dim(self) -> int:
+    def grid(self) -> tuple[int, int]:
+        img = self.model.patch_embed.img_size
+        return img[0] // self.cell_px, img[1] // self.cell_px
+
+    @property
+    def in_chans(self) -> int:
+        return timm_in_chans(self.model)
+
+    @property
+    def embed_dim(self) -> int:
         return self.model.num_features
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"} | {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def forward_masked(self, images: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, H, W] over the patch grid -> last feature map [B, C, H / s, W / s] (s = `out_stride`)."""
+        """hidden [B, H, W] over the patch grid -> last feature map [B, C, rows, cols] (the `grid` of cells)."""
         if isinstance(self.model, SwinTransformer):
             return swin_forward_with_mask_token(self.model, images, hidden, self.mask_token).permute(0, 3, 1, 2)
         vit = self.model
@@ -76,27 +88,29 @@ class MaskTokenEncoder(nn.Module):
 
 
 class SimMIM(nn.Module):
-    """Mask units of `unit` px hidden at `mask_ratio`; L1 (or MSE) between predicted and true pixels of hidden units.
+    """Mask units of `unit_px` px hidden at `mask_ratio`; L1 (or MSE) between predicted and true pixels of hidden
+    units.
 
-    Pictures and losses see the image as a grid of mask units: `patch_size` is the unit, `pred` is [B, units, u*u*C].
+    Pictures and losses see the image as a grid of mask units: `target_px` is the unit, `pred` is [B, units, u*u*C].
     """
 
-    def __init__(self, encoder: MaskTokenEncoder, unit: int, mask_ratio: float = 0.6, norm_pix: bool = False,
-                 loss_kind: str = "l1", in_chans: int = 3) -> None:
+    def __init__(self, encoder: MaskTokenEncoder, unit_px: int, mask_ratio: float = 0.6, norm_pix: bool = False,
+                 loss_kind: str = "l1") -> None:
         super().__init__()
         img = encoder.model.patch_embed.img_size
-        if unit % encoder.patch_size or img[0] % unit or img[1] % unit:
-            raise ConfigError(f"config key 'mask.unit': {unit} px must be a multiple of the patch size "
-                              f"{encoder.patch_size} and divide the {img[0]}x{img[1]} image")
-        self.encoder, self.unit, self.mask_ratio = encoder, unit, mask_ratio
+        if unit_px % encoder.patch_px or img[0] % unit_px or img[1] % unit_px:
+            raise ConfigError(f"config key 'mask.unit': {unit_px} px must be a multiple of the patch size "
+                              f"{encoder.patch_px} and divide the {img[0]}x{img[1]} image")
+        self.encoder, self.unit_px, self.mask_ratio = encoder, unit_px, mask_ratio
         self.norm_pix, self.loss_kind = norm_pix, loss_kind
-        self.grid = (img[0] // unit, img[1] // unit)
-        stride = encoder.out_stride
-        self.head = nn.Sequential(nn.Conv2d(encoder.out_dim, stride * stride * in_chans, 1), nn.PixelShuffle(stride))
+        self.grid = (img[0] // unit_px, img[1] // unit_px)
+        stride = encoder.cell_px
+        self.head = nn.Sequential(nn.Conv2d(encoder.embed_dim, stride * stride * encoder.in_chans, 1),
+                                  nn.PixelShuffle(stride))
 
     @property
-    def patch_size(self) -> int:
-        return self.unit
+    def target_px(self) -> int:
+        return self.unit_px
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
@@ -106,13 +120,13 @@ class SimMIM(nn.Module):
 
     def hidden_patches(self, hidden_units: torch.Tensor) -> torch.Tensor:
         """[B, units] mask -> [B, H, W] mask over the encoder's patch grid."""
-        per_unit = self.unit // self.encoder.patch_size
+        per_unit = self.unit_px // self.encoder.patch_px
         hidden = hidden_units.view(-1, *self.grid)
         return hidden.repeat_interleave(per_unit, 1).repeat_interleave(per_unit, 2)
 
     def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         features = self.encoder.forward_masked(images, self.hidden_patches(mask.hidden))
-        pred = patchify(self.head(features), self.unit)
-        target = pixel_targets(images, self.unit, self.norm_pix)
+        pred = patchify(self.head(features), self.unit_px)
+        target = pixel_targets(images, self.unit_px, self.norm_pix)
         return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mimswin.errors import ConfigError
-from mimswin.models.vit import EncoderOutput
+from mimswin.models.encoder import EncoderOutput, timm_in_chans
 
 HIDDEN_KEY_BIAS = -1.0e4
 
@@ -150,16 +150,21 @@ def visible_block(block: SwinTransformerBlock, x: torch.Tensor, layout: WindowLa
 
 class VisibleSwin(nn.Module):
     """Wraps `timm.create_model(swin name)`: `model` holds exactly the timm weights; `forward_masked` encodes only the
-    visible cells, so compute falls with the mask ratio. Grid, positions and `patch_size` refer to final-stage cells."""
+    visible cells, so compute falls with the mask ratio. A `MaskedEncoder`: grid and positions refer to final-stage
+    cells of `cell_px` pixels."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = check_swin(model)
-        self.patch_size = output_stride(self.model)
+        self.cell_px = output_stride(self.model)
         img = self.model.patch_embed.img_size
-        self.grid = (img[0] // self.patch_size, img[1] // self.patch_size)
-        self.num_patches = self.grid[0] * self.grid[1]
+        self.grid = (img[0] // self.cell_px, img[1] // self.cell_px)
+        self.num_cells = self.grid[0] * self.grid[1]
         self.embed_dim, self.num_prefix_tokens = self.model.num_features, 0
+
+    @property
+    def in_chans(self) -> int:
+        return timm_in_chans(self.model)
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}

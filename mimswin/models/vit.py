@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mimswin.errors import ConfigError
+from mimswin.models.encoder import EncoderOutput, timm_in_chans
 from mimswin.models.pos_embed import sincos_2d
 from mimswin.models.tokens import gather_tokens
 
 
-class EncoderOutput(NamedTuple):
-    """Encoded visible tokens, the grid position of each, and the prefix (cls) tokens, all after the final norm."""
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    prefix: torch.Tensor
-
-
 class MaskedViT(nn.Module):
-    """Wraps `timm.create_model(name)`: `model` holds exactly the timm weights, `forward_masked` runs visible tokens."""
+    """Wraps `timm.create_model(name)`: `model` holds exactly the timm weights, `forward_masked` runs visible tokens.
+    A `MaskedEncoder` whose cells are the patches."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -37,12 +29,16 @@ class MaskedViT(nn.Module):
             raise ConfigError("config key 'model.kwargs': patch_drop_rate and dynamic_img_size are not supported")
         self.model = model
         self.grid: tuple[int, int] = tuple(model.patch_embed.grid_size)
-        self.patch_size: int = model.patch_embed.patch_size[0]
-        self.num_patches = self.grid[0] * self.grid[1]
+        self.cell_px: int = model.patch_embed.patch_size[0]
+        self.num_cells = self.grid[0] * self.grid[1]
         self.embed_dim, self.num_prefix_tokens = model.embed_dim, model.num_prefix_tokens
         table = sincos_2d(model.embed_dim, self.grid, model.num_prefix_tokens)
         model.pos_embed.data.copy_(table.unsqueeze(0))
         model.pos_embed.requires_grad_(False)
+
+    @property
+    def in_chans(self) -> int:
+        return timm_in_chans(self.model)
 
     def no_weight_decay(self) -> set[str]:
         return {f"model.{n}" for n in self.model.no_weight_decay()}
