@@ -255,7 +255,7 @@ def raw_pixel_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     train, val = EmbeddedMNIST("train"), EmbeddedMNIST("val")
 
     def flat(data: EmbeddedMNIST) -> torch.Tensor:
-        return torch.from_numpy(data.images.reshape(len(data.images), -1)).float() / 255.0
+        return data.images.reshape(len(data.images), -1).float() / 255.0
 
     return flat(train), torch.as_tensor(train.labels), flat(val), torch.as_tensor(val.labels)
 

@@ -50,7 +50,7 @@ def mask_pictures() -> dict:
     from mimswin.data.sources import EmbeddedMNIST
     from mimswin.models.masking import random_mask
 
-    digit = EmbeddedMNIST("val")[0][0].resize((192, 192), Image.BILINEAR)
+    digit = Image.fromarray(EmbeddedMNIST("val").images[0].numpy()).convert("RGB").resize((192, 192), Image.BILINEAR)
     pixels = torch.from_numpy(np.asarray(digit).copy()).float() / 255  # [192, 192, 3]
     generator = torch.Generator().manual_seed(0)
     mae = random_mask(1, 144, 0.75, generator=generator).hidden.view(12, 12)

@@ -12,6 +12,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "linprobe": ("mimswin.programs.linprobe", "linear probe on frozen encoder features"),
     "knn": ("mimswin.programs.knn", "weighted k-NN on frozen encoder features"),
     "shards": ("mimswin.programs.shards", "write webdataset shards from an image folder"),
+    "stats": ("mimswin.programs.stats", "per-channel mean / std / percentiles of a data source (data.mean, data.std)"),
     "export": ("mimswin.programs.export", "write a run's encoder for plain timm (--format timm|safetensors)"),
     "visualize": ("mimswin.programs.visualize", "reconstruction pictures of any images (--from RUN --images DIR)"),
     "bench": ("mimswin.programs.bench", "throughput and memory benchmarks"),

@@ -17,6 +17,14 @@ TINY_OVERRIDES = [
     "data.batch_size=16", "data.num_workers=0", "train.progress=false",
 ]
 TINY = ["--config", TINY_PRESET, *TINY_OVERRIDES]
+RGB = ["data.channels=3", "data.mean=null", "data.std=null"]  # 3 channels, ImageNet statistics (colour test data)
+
+
+def preset_channels(preset: str = TINY_PRESET) -> int:
+    """Channels a pretraining preset reads (the tiny presets: the embedded digits as they are, one channel)."""
+    from mimswin.config import PretrainConfig, load_config
+
+    return load_config(PretrainConfig, [preset]).data.channels
 
 
 def pretrain_briefly(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], steps: int,

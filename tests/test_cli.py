@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -78,10 +79,10 @@ def test_safetensors_export_loads_with_plain_timm_and_pretrained_cfg_overlay(run
     out = tmp_path / "encoder.safetensors"
     assert main(["export", "--from", str(run), "--format", "safetensors", "--out", str(out)]) == 0
     assert "pretrained_cfg_overlay" in capsys.readouterr().out
-    kwargs = dict(img_size=32, patch_size=4, depth=2)
+    kwargs = dict(img_size=32, patch_size=4, depth=2, in_chans=1)  # the tiny preset reads one channel
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=10, **kwargs,
-                              pretrained_cfg_overlay=dict(file=str(out))).eval()
-    images = torch.randn(2, 3, 32, 32)
+                              pretrained_cfg_overlay=dict(file=str(out), input_size=(1, 32, 32))).eval()
+    images = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain.forward_features(images), encoder_of(run).forward_features(images))
     headless = timm.create_model("vit_tiny_patch16_224", pretrained=True, **kwargs,
@@ -96,10 +97,10 @@ def test_timm_folder_export_loads_as_local_dir_with_its_pretrained_cfg(run, tmp_
     assert config["architecture"] == "vit_tiny_patch16_224"
     assert config["model_args"]["depth"] == 2 and config["model_args"]["patch_size"] == 4
     model = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=10).eval()
-    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert model.pretrained_cfg["input_size"] == (1, 32, 32) and config["model_args"]["in_chans"] == 1
     run_mean = yaml.safe_load((run / "config.yaml").read_text())["data"]["mean"]
-    assert list(model.pretrained_cfg["mean"]) == pytest.approx(run_mean) == [0.1313] * 3
-    images = torch.randn(2, 3, 32, 32)
+    assert list(model.pretrained_cfg["mean"]) == pytest.approx(run_mean) == [0.1313]
+    images = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(images), encoder_of(run).forward_features(images))
 
@@ -108,8 +109,9 @@ def test_visualize_writes_pictures_of_the_expected_size_for_any_images(run, tmp_
     images = tmp_path / "images"
     images.mkdir()
     for i in range(5):
-        Image.new("RGB", (60 + 7 * i, 45), (40 * i, 200, 90)).save(images / f"{i}.png")
-    Image.new("L", (20, 30), 120).save(images / "gray.jpg")
+        Image.new("L", (60 + 7 * i, 45), 40 * i).save(images / f"{i}.png")
+    Image.fromarray(np.full((30, 20), 30000, np.uint16)).save(images / "gray16.png")
+    Image.new("RGB", (20, 30), (1, 2, 3)).save(images / "colour.jpg")  # 3 channels: skipped by a 1-channel run
     (images / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "pictures"
     checkpoint = run / "checkpoints" / "step_00000003"
@@ -119,7 +121,7 @@ def test_visualize_writes_pictures_of_the_expected_size_for_any_images(run, tmp_
     tile = 3 * 32 + 2  # 32-px images upscaled 3x, 2-px padding; columns: original | masked | recon | pasted
     with Image.open(out / "reconstruction_000.png") as first, Image.open(out / "reconstruction_001.png") as second:
         assert first.size == (4 * tile + 2, 4 * tile + 2)
-        assert second.size == (4 * tile + 2, 2 * tile + 2)  # 6 readable images, 4 per picture
+        assert second.size == (4 * tile + 2, 2 * tile + 2)  # 6 usable images, 4 per picture
 
 
 def test_visualize_and_export_report_bad_paths_in_one_line(run, tmp_path, capsys):

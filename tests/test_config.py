@@ -27,6 +27,18 @@ def test_later_presets_and_overrides_win(tmp_path):
     (["train.log_with=[mlflow]"], ["train.log_with", "mlflow"]),
     (["decoder.dim=100", "decoder.heads=16"], ["decoder.dim", "divisible"]),
     (["oops"], ["key=value"]),
+    (["data.mean=[0.1, 0.2]", "data.std=[0.3, 0.3]"], ["data.mean", "2 value(s) for data.channels=1"]),
+    (["data.channels=3"], ["data.mean", "1 value(s) for data.channels=3"]),
+    (["data.channels=13", "data.mean=null", "data.std=null"], ["data.mean", "13 channel(s)", "mimswin stats"]),
+    (["data.std=[0.1, 0.2]"], ["data.std", "2 value(s) for 1 in data.mean"]),
+    (["data.mean=null"], ["data.mean", "together"]),
+    (["data.layout=whc"], ["data.layout", "auto, hwc, chw", "whc"]),
+    (["data.channels=0"], ["data.channels", ">= 1"]),
+    (["model.kwargs={in_chans: 3}"], ["model.kwargs.in_chans", "data.channels=1", "data.channels=3"]),
+    (["model.img_size=[28, 0]"], ["model.img_size", "[height, width]"]),
+    (["model.img_size=[28, 28, 3]"], ["model.img_size"]),
+    (["vis.bands=[0, 1]"], ["vis.bands", "one or three"]),
+    (["vis.bands=[2]"], ["vis.bands", "[0, 1)"]),
 ])
 def test_bad_overrides_fail_with_one_line_naming_the_key(override, words):
     with pytest.raises(ConfigError) as err:
@@ -55,3 +67,28 @@ def test_invalid_yaml_and_missing_file_are_clear(tmp_path):
 
 def test_parse_overrides_normalises_tokens():
     assert parse_overrides(["a=1", "--b=2", "--c", "3"]) == ["a=1", "b=2", "c=3"]
+
+
+def test_rectangular_sizes_and_any_channel_count_are_accepted_and_kept_as_written():
+    cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"],
+                      ["model.img_size=[28, 56]", "data.channels=13", f"data.mean={[0.1] * 13}",
+                       f"data.std={[0.2] * 13}", "vis.bands=[3, 2, 1]"])
+    assert cfg.model.img_size == [28, 56] and cfg.data.channels == 13 and cfg.vis.bands == [3, 2, 1]
+    rgb = load_config(PretrainConfig, [], [])
+    assert rgb.data.channels == 3 and rgb.data.mean == [0.485, 0.456, 0.406] and rgb.model.img_size == 224
+
+
+def test_colour_augmentation_needs_rgb_and_evaluation_takes_the_encoders_pixels():
+    from mimswin.config import FinetuneConfig
+    from mimswin.config.sections import resolve_pixels
+
+    with pytest.raises(ConfigError, match="aug.auto_augment.*4 channel"):
+        load_config(FinetuneConfig, [], ["checkpoint=x", "data.channels=4", f"data.mean={[0.5] * 4}",
+                                         f"data.std={[0.2] * 4}"])
+    cfg = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x"])
+    assert cfg.data.channels is None and cfg.data.mean is None
+    resolve_pixels(cfg.data, 13, [0.1] * 13, [0.2] * 13)
+    assert cfg.data.channels == 13 and cfg.data.mean == [0.1] * 13 and cfg.data.std == [0.2] * 13
+    pinned = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x", "data.channels=3"])
+    with pytest.raises(ConfigError, match="'data.channels': 3, but the encoder reads 1 channel"):
+        resolve_pixels(pinned.data, 1, [0.1], [0.2])

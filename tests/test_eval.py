@@ -8,20 +8,21 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import TINY
+from conftest import RGB, TINY
 from PIL import Image
 from torchvision.transforms import ColorJitter
 
 from mimswin.config import OptimConfig, TrainConfig, load_config
 from mimswin.config.evaluation import ClassifierConfig, FinetuneConfig
 from mimswin.data.shard_write import write_shards
+from mimswin.data.transforms import Rgb8Only
 from mimswin.errors import ConfigError
 from mimswin.eval.callbacks import EvaluateEachEpoch
 from mimswin.eval.classifier import build_classifier, classifier_kwargs
 from mimswin.eval.knn import knn_accuracy, knn_predict
 from mimswin.eval.metrics import evaluate, topk_correct
 from mimswin.programs import finetune, knn, linprobe
-from mimswin.programs.finetune import finetune_transform
+from mimswin.programs.finetune import sample_transform
 from mimswin.programs.linprobe import FrozenEncoderProbe
 from mimswin.programs.pretrain import main as pretrain
 from mimswin.runs.export import export_encoder, read_export
@@ -57,9 +58,9 @@ def colours(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A tiny MAE pretraining run (2 steps): its run dir, with a checkpoint and the exported encoder."""
+    """A tiny MAE pretraining run (2 steps, 3 channels): its run dir, with a checkpoint and the exported encoder."""
     run = tmp_path_factory.mktemp("pre") / "run"
-    pretrain(TINY + [f"train.output_dir={run}", "train.max_steps=2"])
+    pretrain(TINY + RGB + [f"train.output_dir={run}", "train.max_steps=2"])
     return run
 
 
@@ -112,7 +113,7 @@ def test_topk_and_evaluate_count_known_labels():
     labels = torch.tensor([0, 2, 0, 5])
     assert topk_correct(logits, labels).tolist() == [1.0, 3.0]
     dataset = torch.utils.data.TensorDataset(logits, labels)
-    result = evaluate(torch.nn.Identity(), dataset, make_accelerator(TrainConfig(cpu=True)), 3, 0)
+    result = evaluate(torch.nn.Identity(), dataset, make_accelerator(TrainConfig(cpu=True)), 3, 0, step=None)
     assert result["top1"] == 25.0 and result["top5"] == 75.0 and result["count"] == 4
 
 
@@ -299,8 +300,8 @@ def test_embedded_split_is_fixed_disjoint_and_holds_every_class():
     train, val, classes = labeled_pair(DataConfig(), None, None)
     again, _, _ = labeled_pair(DataConfig(), None, None)
     assert (len(train), len(val), classes) == (4000, 1000, 10)
-    assert np.array_equal(train.images, again.images)
-    assert not {im.tobytes() for im in val.images[:200]} & {im.tobytes() for im in train.images}
+    assert torch.equal(train.images, again.images)
+    assert not {im.numpy().tobytes() for im in val.images[:200]} & {im.numpy().tobytes() for im in train.images}
     assert np.bincount(val.labels, minlength=10).min() > 50
 
 
@@ -381,7 +382,8 @@ def test_preempted_cached_linprobe_resumes_to_the_uninterrupted_head(pretrained,
 def test_finetune_colour_jitter_is_off_unless_asked_and_checked():
     def jitters(overrides):
         cfg = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x", *overrides])
-        return [s for s in finetune_transform(cfg, 28).transforms if isinstance(s, ColorJitter)]
+        return [s.operation for s in sample_transform(cfg, (28, 28)).transforms
+                if isinstance(s, Rgb8Only) and isinstance(s.operation, ColorJitter)]
 
     assert jitters([]) == []
     (jitter,) = jitters(["aug.color_jitter=0.3"])

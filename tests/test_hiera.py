@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from conftest import export_of_run, loss_at_both_ends, norm_pix_mse_by_hand, pretrain_briefly
+from conftest import export_of_run, loss_at_both_ends, norm_pix_mse_by_hand, preset_channels, pretrain_briefly
 from einops import rearrange
 from torch.nn import functional as F
 
@@ -19,6 +19,8 @@ from mimswin.models.masking import random_mask
 from mimswin.programs import finetune, linprobe
 from mimswin.runs.export import read_export
 from mimswin.runs.open import read_encoder_weights
+
+C = preset_channels()  # channels the tiny presets read
 
 PRESET = "tiny_mae_hiera_cpu"
 SMALL = ["decoder.dim=32", "decoder.depth=1", "decoder.heads=2"]
@@ -48,7 +50,7 @@ def cell_pixels(hidden, grid, cell_px):
 @pytest.mark.parametrize("overrides", [SMALL, FULL_POOL], ids=["mae_q_pool", "full_q_pool"])
 def test_nothing_hidden_gives_timm_forward_features_at_every_stage(overrides):
     encoder = build(overrides).encoder
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     with torch.no_grad():
         stages = encoder.forward_masked(images, torch.arange(encoder.num_units).expand(2, -1)).stages
         maps = encoder.model.forward_intermediates(images, output_fmt="NHWC", intermediates_only=True)
@@ -63,7 +65,7 @@ def test_nothing_hidden_gives_timm_forward_features_at_every_stage(overrides):
 @pytest.mark.parametrize("overrides", [SMALL, FULL_POOL], ids=["mae_q_pool", "full_q_pool"])
 def test_each_visible_token_equals_timm_masked_forward_token_for_token(overrides):
     encoder = build(overrides).encoder
-    images = torch.randn(3, 3, 32, 32)
+    images = torch.randn(3, C, 32, 32)
     mask = random_mask(3, encoder.num_units, 0.6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         final = encoder.forward_masked(images, mask.keep).stages[-1]
@@ -92,7 +94,7 @@ def test_each_visible_token_equals_timm_full_forward_at_its_own_place_with_hidde
     """Independent of timm's token dropping: the full-image forward with hidden pixels zeroed and hidden keys ignored
     in global attention (mask-unit attention and q-pooling never leave a unit) holds the same visible tokens."""
     encoder = build(overrides).encoder
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = random_mask(2, encoder.num_units, 0.6, generator=torch.Generator().manual_seed(2))
     visible = ~mask.hidden
     with torch.no_grad():
@@ -112,7 +114,7 @@ def test_each_visible_token_equals_timm_full_forward_at_its_own_place_with_hidde
 
 def test_keep_order_does_not_matter_and_units_come_back_ascending():
     encoder = build().encoder
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     keep = torch.stack([torch.randperm(encoder.num_units)[:6] for _ in range(2)])
     with torch.no_grad():
         shuffled = encoder.forward_masked(images, keep)
@@ -143,7 +145,7 @@ def test_decoder_puts_position_tagged_units_at_their_own_places_whatever_their_o
 
 def test_hidden_pixels_cannot_change_the_prediction_but_visible_ones_do():
     mae = build()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(4))
     hidden_px = cell_pixels(mask.hidden, mae.grid, mae.target_px)
     noise = torch.randn_like(images)
@@ -156,8 +158,8 @@ def test_hidden_pixels_cannot_change_the_prediction_but_visible_ones_do():
 def test_masks_hide_whole_units_and_predictions_cover_each_final_token_footprint():
     mae = build()
     assert mae.target_px == 4 and mae.grid == (8, 8) and mae.unit_cells == 2 and mae.mask_ratio == 0.6
-    out = mae(torch.rand(2, 3, 32, 32))
-    assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * 3)
+    out = mae(torch.rand(2, C, 32, 32))
+    assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * C)
     units = out.mask.hidden.view(2, 4, 2, 4, 2)
     assert torch.all(units == units[:, :, :1, :, :1])
     assert torch.all((~out.mask.hidden).sum(1) == 6 * 4)  # int(16 * 0.4) = 6 visible units of 2x2 cells
@@ -165,7 +167,7 @@ def test_masks_hide_whole_units_and_predictions_cover_each_final_token_footprint
 
 def test_loss_equals_hand_computation_on_hidden_units_only():
     mae = build()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(0))
     out = mae(images, mask)
     expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, 4)
@@ -177,7 +179,7 @@ def test_compute_falls_with_the_mask_ratio():
     from torch.utils.flop_counter import FlopCounterMode
 
     encoder = build().encoder
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     flops = {}
     for ratio in (0.0, 0.6):
         keep = random_mask(2, encoder.num_units, ratio).keep
@@ -190,7 +192,7 @@ def test_compute_falls_with_the_mask_ratio():
 @pytest.mark.parametrize("overrides, message", [
     (["model.kwargs.mask_unit_size=[8,8]"], "q_stride"),
     (["model.img_size=36"], "does not tile"),
-    (["model.img_size=33"], "not a multiple of the 8 px"),
+    (["model.img_size=33"], "does not tile into the 8 px"),
     (["model.kwargs.patch_kernel=[5,5]", "model.kwargs.patch_padding=[0,0]"], "one token per stride"),
     (["model.kwargs.patch_drop_rate=0.5"], "patch_drop_rate"),
     (["mask.unit=16"], "mask.unit"),
@@ -214,7 +216,7 @@ def test_short_run_lowers_the_loss_and_draws_a_reconstruction(mae_run):
 
 def test_exported_hiera_loads_into_timm_with_the_same_features(mae_run):
     loaded, encoder = export_of_run(*mae_run, {"head.fc.weight", "head.fc.bias"})
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(images), encoder(images))
         torch.testing.assert_close(loaded.forward_head(loaded.forward_features(images), pre_logits=True),
@@ -266,7 +268,7 @@ def test_finetune_and_linprobe_run_on_the_exported_hiera_from_its_pretrained_wei
         torch.manual_seed(0)
         return probe_encoder(read_encoder_weights(run), cfg)[0]
 
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(4, C, 32, 32)
     with torch.no_grad():
         pretrained, random = probe(False), probe(True)
         assert pretrained(images).shape == (4, 32 + 64 + 128)

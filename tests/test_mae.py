@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, TINY_PRESET, norm_pix_mse_by_hand
+from conftest import TINY_OVERRIDES, TINY_PRESET, norm_pix_mse_by_hand, preset_channels
 from torch import nn
 
 from mimswin.config import PretrainConfig, load_config
@@ -9,6 +9,8 @@ from mimswin.models.masking import random_mask
 from mimswin.models.patches import patchify
 from mimswin.models.pos_embed import sincos_2d
 from mimswin.models.tokens import gather_tokens, scatter_tokens
+
+C = preset_channels()  # channels the tiny presets read
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def test_visible_tokens_keep_their_order_and_land_at_their_own_decoder_positions
     vit.pos_embed.data.zero_()
     vit.blocks, vit.norm = nn.Identity(), nn.Identity()
     mask = random_mask(4, 64, 0.75, generator=torch.Generator().manual_seed(3))
-    encoded = mae.encoder.forward_masked(torch.zeros(4, 3, 32, 32), mask.keep)
+    encoded = mae.encoder.forward_masked(torch.zeros(4, C, 32, 32), mask.keep)
     assert torch.equal(encoded.tokens[..., 0], mask.keep.float())
     assert torch.equal(encoded.positions, mask.keep)
 
@@ -60,7 +62,7 @@ def test_scatter_is_the_inverse_of_gather_on_shuffled_positions():
 
 def test_encoder_with_nothing_masked_equals_timm_forward_features(mae):
     mae.eval()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     keep = torch.arange(64).expand(2, -1)
     encoded = mae.encoder.forward_masked(images, keep)
     reference = mae.encoder.model.forward_features(images)
@@ -79,7 +81,7 @@ def test_position_embedding_is_fixed_sincos():
 
 
 def test_loss_equals_hand_computation_on_hidden_patches_only(mae):
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = random_mask(2, 64, 0.75, generator=torch.Generator().manual_seed(0))
     out = mae(images, mask)
     expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, 4)
@@ -88,7 +90,7 @@ def test_loss_equals_hand_computation_on_hidden_patches_only(mae):
 
 
 def test_gradients_reach_encoder_and_decoder_but_not_hidden_pixels(mae):
-    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    images = torch.randn(2, C, 32, 32, requires_grad=True)
     mask = random_mask(2, 64, 0.75)
     out = mae(images, mask)
     out.loss.backward()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import TINY_OVERRIDES, TINY_PRESET
+from conftest import TINY_OVERRIDES, TINY_PRESET, preset_channels
 
 from mimswin.config import OptimConfig, PretrainConfig, load_config
 from mimswin.errors import ConfigError
@@ -15,6 +15,8 @@ from mimswin.models.masking import random_mask
 from mimswin.programs.pretrain import build_trainer
 from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import apply_model_flags, enable_grad_checkpointing, optimizer_kwargs
+
+C = preset_channels()  # channels the tiny presets read
 
 # fp32 paths that only reorder or recompute the same math: tight; bf16 autocast rounds matmul inputs to 8 bits.
 EXACT_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -31,7 +33,7 @@ def mae():
 @pytest.fixture
 def batch():
     generator = torch.Generator().manual_seed(1)
-    images = torch.randn(4, 3, 32, 32, generator=generator)
+    images = torch.randn(4, C, 32, 32, generator=generator)
     return images, random_mask(4, 64, 0.75, generator=generator)
 
 
@@ -142,7 +144,7 @@ def test_compile_flag_compiles_in_place_keeping_state_dict_keys(mae):
 def test_swin_grad_checkpointing_recomputes_blocks_and_gives_the_same_grads(preset):
     torch.manual_seed(0)
     model = build_method(load_config(PretrainConfig, [preset], ["model.drop_path_rate=0.1"]))
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(2, C, 32, 32, generator=torch.Generator().manual_seed(1))
     mask = model.draw_mask(2, torch.device("cpu"), torch.Generator().manual_seed(2))
     block = model.encoder.model.layers[0].blocks[0]
     calls = []

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import safetensors.torch
 import torch
-from conftest import TINY, export_of_run, loss_at_both_ends, pretrain_briefly
+from conftest import RGB, TINY, export_of_run, loss_at_both_ends, pretrain_briefly
 
 from mimswin.programs.pretrain import cli, main
 from mimswin.runs.layout import read_metrics
@@ -37,7 +37,7 @@ def test_run_dir_holds_config_metrics_checkpoint_encoder_and_picture(short_run):
 
 def test_exported_encoder_is_a_plain_timm_model_with_the_same_features(short_run):
     loaded, encoder = export_of_run(*short_run, {"head.weight", "head.bias"})
-    images = torch.randn(3, 3, 32, 32)
+    images = torch.randn(3, encoder.in_chans, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(images), encoder(images))
         keep = torch.arange(64).expand(3, -1)
@@ -106,7 +106,7 @@ def test_image_folder_with_odd_images_trains(tmp_path, capsys):
     Image.new("CMYK", (50, 50), (0, 50, 100, 0)).save(folder / "dogs" / "cmyk.jpg")
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(folder / "dogs" / "tiny_rgba.png")
     (folder / "dogs" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    trainer = main(["--config", "tiny_mae_vit_cpu", *TINY[2:], f"train.output_dir={tmp_path / 'run'}",
+    trainer = main(["--config", "tiny_mae_vit_cpu", *TINY[2:], *RGB, f"train.output_dir={tmp_path / 'run'}",
                     f"data.path={folder}", "data.batch_size=4", "train.max_steps=4"])
     assert trainer.state.step == 4
     assert len(trainer.data.dataset) == 16

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, RGB, TINY
 
 from mimswin.config import PretrainConfig, TrainConfig, load_config
 from mimswin.config.evaluation import LabeledDataConfig
 from mimswin.data.labeled import labeled_pair
+from mimswin.data.pixels import DeviceStep
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import balanced_split, labeled_subset
 from mimswin.errors import ConfigError
@@ -132,7 +133,7 @@ def test_raw_pixel_baseline_reads_the_embedded_pixels_and_its_knn_is_brute_force
     train_x, train_y, val_x, val_y = quality.raw_pixel_features()
     images = EmbeddedMNIST("train").images
     assert train_x.shape == (4000, 784) and val_x.shape == (1000, 784)
-    torch.testing.assert_close(train_x[7], torch.from_numpy(images[7].reshape(-1) / 255.0).float())
+    torch.testing.assert_close(train_x[7], images[7].reshape(-1).float() / 255.0)
     a, b = train_x[:300], val_x[:50]
     sims = torch.nn.functional.normalize(b, dim=1) @ torch.nn.functional.normalize(a, dim=1).T
     nearest = train_y[:300][sims.argmax(dim=1)]
@@ -143,14 +144,13 @@ def test_raw_pixel_baseline_reads_the_embedded_pixels_and_its_knn_is_brute_force
 def test_probe_initialised_head_gives_the_probe_logits(vit):
     model = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, depth=2, num_classes=10,
                               global_pool="avg").eval()
-    from torchvision import transforms as T
-    dataset = torch.utils.data.Subset(EmbeddedMNIST("train", T.ToTensor()), range(200))
-    accelerator = make_accelerator(TrainConfig(cpu=True))
-    probe_initialised_head(model, dataset, 10, accelerator, 50, 0)
-    images = torch.stack([dataset[i][0] for i in range(20)])
-    labels = torch.tensor([dataset[i][1] for i in range(200)])
+    dataset = torch.utils.data.Subset(EmbeddedMNIST("train"), range(200))
+    accelerator, step = make_accelerator(TrainConfig(cpu=True)), DeviceStep([0.1] * 3, [0.3] * 3)
+    probe_initialised_head(model, dataset, 10, accelerator, 50, 0, step)
+    inputs = step(torch.stack([dataset[i][0] for i in range(200)]), torch.device("cpu"))
+    images, labels = inputs[:20], torch.tensor([dataset[i][1] for i in range(200)])
     with torch.no_grad():
-        features = PreLogits(model)(torch.stack([dataset[i][0] for i in range(200)]))
+        features = PreLogits(model)(inputs)
         scale, linear, _, _ = fit_probe(features, labels, 10)
         torch.testing.assert_close(model(images), linear(scale(features[:20])), rtol=1e-3, atol=1e-3)
 
@@ -158,14 +158,19 @@ def test_probe_initialised_head_gives_the_probe_logits(vit):
 def test_reconstruction_of_gray_digits_is_gray_and_upscaled():
     cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], [*TINY[2:], "model.img_size=28"])
     method = build_method(cfg)
-    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
-    digits = torch.from_numpy(EmbeddedMNIST("val").images[:2] / 255.0).float()[:, None].expand(-1, 3, -1, -1)
+    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    digits = EmbeddedMNIST("val").images[:2].float()[:, None] / 255.0
     picture = reconstruction_grid(method, (digits - mean) / std, cfg.data.mean, cfg.data.std)
     assert torch.equal(picture[0], picture[1]) and torch.equal(picture[1], picture[2])
     assert picture.shape[-1] >= 4 * 96 and picture.shape[-2] >= 2 * 96
+    rgb = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], [*TINY[2:], *RGB, "model.img_size=28"])
+    mean, std = torch.tensor(rgb.data.mean).view(1, 3, 1, 1), torch.tensor(rgb.data.std).view(1, 3, 1, 1)
+    replicated = digits.expand(-1, 3, -1, -1)
+    gray = reconstruction_grid(build_method(rgb), (replicated - mean) / std, rgb.data.mean, rgb.data.std)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     colour = torch.rand(2, 3, 28, 28)
-    tinted = reconstruction_grid(method, (colour - mean) / std, cfg.data.mean, cfg.data.std)
+    tinted = reconstruction_grid(build_method(rgb), (colour - mean) / std, rgb.data.mean, rgb.data.std)
     assert not torch.equal(tinted[0], tinted[1])
 
 

@@ -9,16 +9,26 @@ import webdataset as wds
 from PIL import Image
 
 from mimswin.data.build import EpochLoader
+from mimswin.data.pixels import DeviceStep, Skipped
+from mimswin.data.readers import ReadSpec, read_bytes, read_path
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import build_shard_loader, decode_sample, read_shard
-from mimswin.data.sources import ImageFolder, to_rgb
+from mimswin.data.sources import ImageFolder
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.errors import DataError
 from mimswin.programs.shards import cli as shards_cli
 
 CPU = torch.device("cpu")
-TO_8PX = eval_transform(8, [0.5] * 3, [0.5] * 3)
-AUGMENT = pretrain_transform(8, [0.3, 1.0], 0.5, [0.5] * 3, [0.5] * 3)
+TO_8PX = eval_transform((8, 8))
+AUGMENT = pretrain_transform((8, 8), [0.3, 1.0], 0.5)
+RGB = ReadSpec(3)
+STEP = DeviceStep([0.5] * 3, [0.5] * 3)
+
+
+def shard_loader(spec, transform, *args, **kwargs):
+    """`build_shard_loader` reading 3 channels normalized at 0.5 / 0.5, on the CPU."""
+    batch, workers, replicas, rank, seed = args
+    return build_shard_loader(spec, transform, RGB, STEP, batch, workers, replicas, rank, seed, CPU, **kwargs)
 
 
 def png(value: int, size: int = 6) -> bytes:
@@ -73,23 +83,25 @@ def test_writer_reader_round_trip_keeps_every_image_and_label(tmp_path, capsys):
     written = {}
     for s in range(3):
         for sample in read_shard(str(out / f"train-{s:06d}.tar"), lambda url, err: pytest.fail(str(err))):
-            ext = "jpg" if "jpg" in sample else "png"
-            with Image.open(io.BytesIO(sample[ext])) as image:
-                written[sample["__key__"]] = (int(sample["cls"]), np.asarray(to_rgb(image)))
+            ext = next(k for k in sample if not k.startswith("__") and k != "cls")
+            written[sample["__key__"]] = (int(sample["cls"]), ext, sample[ext])
     expected = {}
     for path, label in ImageFolder(src).samples:
         if path.name != "broken.jpg":
-            with Image.open(path) as image:
-                key = path.relative_to(src).with_suffix("").as_posix().replace(".", "_")
-                expected[key] = (label, np.asarray(to_rgb(image)))
+            key = path.relative_to(src).with_suffix("").as_posix().replace(".", "_")
+            expected[key] = (label, path)
     assert written.keys() == expected.keys()
-    for key, (label, pixels) in expected.items():
-        assert written[key][0] == label and np.array_equal(written[key][1], pixels), key
+    for key, (label, path) in expected.items():
+        stored_label, ext, data = written[key]
+        assert stored_label == label and data == path.read_bytes(), key
+        assert torch.equal(read_bytes(data, ext, RGB), read_path(path, RGB)), key
+    assert written["b/deep"][1] == "png" and written["b/scan"][1] == "tiff"
 
-    loader = build_shard_loader(f"{out}/train-{{000000..000002}}.tar", TO_8PX, 3, 0, 1, 0, 0, CPU, train=False)
+    loader = shard_loader(f"{out}/train-{{000000..000002}}.tar", TO_8PX, 3, 0, 1, 0, 0, train=False)
     batches = list(loader.epoch(0))
     assert Counter(ids(batches)) == Counter(label for label, _ in expected.values())
-    assert all(images.shape[1:] == (3, 8, 8) for images, _ in batches) and loader.skipped == 0
+    assert all(images.shape[1:] == (3, 8, 8) and images.dtype == torch.float32 for images, _ in batches)
+    assert loader.skipped == 0
 
 
 def test_embedded_set_becomes_shards_with_its_labels(tmp_path):
@@ -97,7 +109,7 @@ def test_embedded_set_becomes_shards_with_its_labels(tmp_path):
     assert shards_cli(["embedded:val", str(out), "--maxcount", "400", "--no-progress"]) == 0
     assert json.loads((out / "sizes.json").read_text()) == {"val-000000.tar": 400, "val-000001.tar": 400,
                                                             "val-000002.tar": 200}
-    loader = build_shard_loader(f"{out}/val-*.tar", TO_8PX, 100, 0, 1, 0, 0, CPU, train=False)
+    loader = shard_loader(f"{out}/val-*.tar", TO_8PX, 100, 0, 1, 0, 0, train=False)
     from mimswin.data.sources import EmbeddedMNIST
     assert Counter(ids(loader.epoch(0))) == Counter(EmbeddedMNIST("val").labels.tolist())
 
@@ -113,14 +125,14 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path):
     damaged = root / "part-000001.tar"
     damaged.write_bytes(damaged.read_bytes()[:6000])
 
-    loader = build_shard_loader(spec, TO_8PX, 4, 2, 1, 0, 0, CPU, train=False)
+    loader = shard_loader(spec, TO_8PX, 4, 2, 1, 0, 0, train=False)
     seen = ids(loader.epoch(0))
     assert len(seen) == len(set(seen))
     assert set(range(0, 10)) | set(range(20, 32)) | set(range(33, 35)) <= set(seen)
     assert 32 not in seen and len(set(range(10, 20)) & set(seen)) < 10
     assert loader.skip_reasons == {"unreadable image": 1, "unreadable shard": 1}
 
-    training = build_shard_loader(spec, AUGMENT, 4, 2, 1, 0, 0, CPU, shuffle_buffer=8)
+    training = shard_loader(spec, AUGMENT, 4, 2, 1, 0, 0, shuffle_buffer=8)
     assert len(list(training.epoch(0))) == training.batches_per_epoch
     assert training.skipped >= 1
 
@@ -131,8 +143,7 @@ def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path, train):
     spec = write_id_shards(tmp_path / "shards", sizes)
     seen, steps = [], []
     for rank in (0, 1):
-        loader = build_shard_loader(spec, AUGMENT if train else TO_8PX, 4, 2, 2, rank, 3, CPU, train=train,
-                                    shuffle_buffer=10)
+        loader = shard_loader(spec, AUGMENT if train else TO_8PX, 4, 2, 2, rank, 3, train=train, shuffle_buffer=10)
         batches = list(loader.epoch(0))
         assert len(batches) == loader.batches_per_epoch
         seen += ids(batches)
@@ -150,7 +161,7 @@ def test_uneven_shards_give_every_rank_the_same_steps_and_report_repeats_exactly
     for epoch in (0, 1):
         seen, steps, repeated, dropped = [], [], 0, 0
         for rank in (0, 1):
-            loader = build_shard_loader(spec, AUGMENT, 4, 2, 2, rank, 0, CPU, batch_multiple=2)
+            loader = shard_loader(spec, AUGMENT, 4, 2, 2, rank, 0, batch_multiple=2)
             seen += ids(loader.epoch(epoch))
             steps.append(loader.batches_per_epoch)
             extra, left_out = loader.stream.plan.repeats(epoch)
@@ -163,11 +174,11 @@ def test_uneven_shards_give_every_rank_the_same_steps_and_report_repeats_exactly
 @pytest.mark.parametrize("resampled", [False, True])
 def test_shard_resume_continues_with_the_exact_next_batch(tmp_path, resampled):
     spec = write_id_shards(tmp_path / "shards", [7, 11, 9, 13, 8, 12])
-    loader = build_shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, CPU, shuffle_buffer=7, resampled=resampled)
+    loader = shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, shuffle_buffer=7, resampled=resampled)
     full = list(loader.epoch(2))
     assert len(full) == loader.batches_per_epoch == 10
     for start in (3, 6):
-        resumed = build_shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, CPU, shuffle_buffer=7, resampled=resampled)
+        resumed = shard_loader(spec, AUGMENT, 3, 2, 2, 1, 5, shuffle_buffer=7, resampled=resampled)
         rest = list(resumed.epoch(2, start))
         assert len(rest) == len(full) - start
         for (a, la), (b, lb) in zip(full[start:], rest):
@@ -184,7 +195,7 @@ def test_map_style_resume_continues_with_the_exact_next_batch(tmp_path):
 
     def loader():
         dataset = ImageFolder(root, AUGMENT)
-        return EpochLoader(dataset, ResumableDistributedSampler(len(dataset), 5, 1, 0, seed=4), 2, CPU)
+        return EpochLoader(dataset, ResumableDistributedSampler(len(dataset), 5, 1, 0, seed=4), 2, CPU, STEP)
 
     whole = loader()
     full = list(whole.epoch(1))
@@ -197,31 +208,30 @@ def test_map_style_resume_continues_with_the_exact_next_batch(tmp_path):
 
 def test_shard_list_matching_nothing_is_a_clear_start_up_error(tmp_path):
     with pytest.raises(DataError, match="matches no shard file"):
-        build_shard_loader(f"{tmp_path}/none-{{000000..000003}}.tar", TO_8PX, 4, 0, 1, 0, 0, CPU)
+        shard_loader(f"{tmp_path}/none-{{000000..000003}}.tar", TO_8PX, 4, 0, 1, 0, 0)
     spec = write_id_shards(tmp_path / "shards", [4, 4])
     with pytest.raises(DataError, match="2 shard.* cannot be split over 2 process.* x 2 worker"):
-        build_shard_loader(spec, TO_8PX, 2, 2, 2, 0, 0, CPU)
+        shard_loader(spec, TO_8PX, 2, 2, 2, 0, 0)
 
 
 def test_pipe_urls_stream_the_same_samples_as_local_files(tmp_path):
     spec = write_id_shards(tmp_path / "shards", [5, 7, 6])
     piped = "::".join(f"pipe:cat {tmp_path}/shards/part-{s:06d}.tar" for s in range(3))
     sizes = str(tmp_path / "shards" / "sizes.json")
-    local = build_shard_loader(spec, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4)
-    remote = build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU, shuffle_buffer=4, sizes_file=sizes)
+    local = shard_loader(spec, AUGMENT, 3, 0, 1, 0, 9, shuffle_buffer=4)
+    remote = shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, shuffle_buffer=4, sizes_file=sizes)
     for (a, la), (b, lb) in zip(local.epoch(1), remote.epoch(1), strict=True):
         assert torch.equal(la, lb) and torch.equal(a, b)
     with pytest.raises(DataError, match="sample counts unknown"):
-        build_shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9, CPU)
+        shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9)
 
 
 def test_labeled_reading_skips_a_sample_without_a_class_and_says_why():
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PNG")
     sample = {"__key__": "a", "png": buffer.getvalue()}
-    transform = eval_transform(8, [0.5] * 3, [0.5] * 3)
-    assert decode_sample(sample, transform, 0, labeled=True) == (None, "no label")
-    item, reason = decode_sample(sample, transform, 0)
-    assert item[1] == -1 and reason == ""
-    labeled, _ = decode_sample({**sample, "cls": b"2"}, transform, 0, labeled=True)
-    assert labeled[1] == 2
+    skipped = decode_sample(sample, TO_8PX, RGB, 0, labeled=True)
+    assert isinstance(skipped, Skipped) and skipped.reason == "no label"
+    image, label = decode_sample(sample, TO_8PX, RGB, 0)
+    assert label == -1 and image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+    assert decode_sample({**sample, "cls": b"2"}, TO_8PX, RGB, 0, labeled=True)[1] == 2

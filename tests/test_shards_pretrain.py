@@ -31,7 +31,7 @@ def mnist_shards(tmp_path_factory):
                     tar.write({"__key__": f"d{i:04d}", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "cls": b"0"})
                     continue
                 buffer = io.BytesIO()
-                Image.fromarray(digits.images[i]).save(buffer, format="PNG")
+                Image.fromarray(digits.images[i].numpy()).save(buffer, format="PNG")
                 tar.write({"__key__": f"d{i:04d}", "png": buffer.getvalue(), "cls": str(digits.labels[i]).encode()})
     return f"{out}/digits-{{000000..000011}}.tar"
 

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
-from conftest import loss_at_both_ends, pretrain_briefly
+from conftest import loss_at_both_ends, preset_channels, pretrain_briefly
 
 from mimswin.config import PretrainConfig, load_config
 from mimswin.errors import ConfigError
 from mimswin.models import SimMIM, build_method
 from mimswin.models.masking import mask_from_hidden, unit_mask
 from mimswin.runs.export import load_exported_timm
+
+C = preset_channels()  # channels the tiny presets read
 
 SWIN = ("tiny_simmim_swin_cpu", [])
 VIT = ("tiny_mae_vit_cpu", ["method=simmim", "model.img_size=32", "mask.unit=8", "mask.ratio=0.6",
@@ -39,7 +41,7 @@ def encoder_input(simmim, images, mask):
 @pytest.mark.parametrize("preset, overrides", [SWIN, VIT], ids=["swin", "vit"])
 def test_hidden_patches_carry_the_mask_token_and_visible_ones_their_embedding(preset, overrides):
     simmim = build(overrides, preset).eval()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = simmim.draw_mask(2, "cpu", torch.Generator().manual_seed(0))
     tokens = encoder_input(simmim, images, mask)
     hidden = simmim.hidden_patches(mask.hidden).flatten(1)
@@ -53,7 +55,7 @@ def test_hidden_patches_carry_the_mask_token_and_visible_ones_their_embedding(pr
 @pytest.mark.parametrize("preset, overrides", [SWIN, VIT], ids=["swin", "vit"])
 def test_nothing_masked_equals_timm_forward_features(preset, overrides):
     simmim = build(overrides, preset).eval()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     nothing = torch.zeros(2, *simmim.encoder.patch_grid, dtype=torch.bool)
     with torch.no_grad():
         features = simmim.encoder.forward_masked(images, nothing)
@@ -87,7 +89,7 @@ def test_unit_mask_hides_square_blocks_with_an_exact_count():
 @pytest.mark.parametrize("kind", ["l1", "mse"])
 def test_loss_counts_only_hidden_pixels(kind):
     simmim = build([f"loss.kind={kind}"])
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     mask = simmim.draw_mask(2, "cpu", torch.Generator().manual_seed(1))
     seen = {}
 
@@ -138,7 +140,7 @@ def test_simmim_export_is_the_plain_timm_swin(simmim_run):
     trainer, run = simmim_run
     loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
     encoder = trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(images), encoder(images))
     assert (run / "reconstruction.png").is_file()

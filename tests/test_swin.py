@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from conftest import export_of_run, loss_at_both_ends, pretrain_briefly
+from conftest import export_of_run, loss_at_both_ends, preset_channels, pretrain_briefly
 from timm.models.swin_transformer import window_partition
 from torch import nn
 
@@ -50,7 +50,7 @@ def masked_key_reference(swin, image, hidden_cells):
 @pytest.mark.parametrize("overrides", [[], STRADDLE], ids=["aligned_windows", "straddling_windows"])
 def test_nothing_masked_equals_timm_swin_forward_features(overrides):
     encoder = build(overrides).encoder.eval()
-    images = torch.randn(2, 3, *encoder.model.patch_embed.img_size)
+    images = torch.randn(2, C, *encoder.model.patch_embed.img_size)
     keep = torch.arange(encoder.num_cells).expand(2, -1)
     with torch.no_grad():
         tokens = encoder.forward_masked(images, keep).tokens
@@ -61,7 +61,7 @@ def test_nothing_masked_equals_timm_swin_forward_features(overrides):
 @pytest.mark.parametrize("overrides", [[], STRADDLE], ids=["aligned_windows", "straddling_windows"])
 def test_each_visible_token_equals_timm_swin_at_its_own_position_with_hidden_keys_ignored(overrides):
     encoder = build(overrides).encoder.eval()
-    images = torch.randn(3, 3, *encoder.model.patch_embed.img_size)
+    images = torch.randn(3, C, *encoder.model.patch_embed.img_size)
     mask = random_mask(3, encoder.num_cells, 0.6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         tokens = encoder.forward_masked(images, mask.keep).tokens
@@ -72,7 +72,7 @@ def test_each_visible_token_equals_timm_swin_at_its_own_position_with_hidden_key
 
 def test_tokens_given_in_any_order_come_back_in_that_order():
     encoder = build(STRADDLE).encoder.eval()
-    images = torch.randn(2, 3, 56, 56)
+    images = torch.randn(2, C, 56, 56)
     keep = torch.stack([torch.randperm(encoder.num_cells)[:12] for _ in range(2)])
     with torch.no_grad():
         shuffled = encoder.forward_masked(images, keep)
@@ -81,6 +81,8 @@ def test_tokens_given_in_any_order_come_back_in_that_order():
     torch.testing.assert_close(shuffled.tokens, torch.gather(ordered.tokens, 1, rank[..., None].expand_as(
         shuffled.tokens)))
     assert torch.equal(shuffled.positions, keep)
+
+C = preset_channels()  # channels the tiny presets read
 
 
 class TagCells(nn.Module):
@@ -103,7 +105,7 @@ def test_visible_tokens_land_at_their_own_positions_in_the_decoder_input():
     swin.layers, swin.norm = nn.Sequential(), nn.Identity()
     encoder = VisibleSwin(swin)
     mask = random_mask(4, encoder.num_cells, 0.75, generator=torch.Generator().manual_seed(3))
-    encoded = encoder.forward_masked(torch.zeros(4, 3, 32, 32), mask.keep)
+    encoded = encoder.forward_masked(torch.zeros(4, C, 32, 32), mask.keep)
     assert torch.equal(encoded.tokens[..., 0], mask.keep.float())
 
     decoder = MAEDecoder(16, encoder.grid, 48, dim=16, depth=0, heads=2, prefix_tokens=0)
@@ -118,7 +120,7 @@ def test_compute_falls_with_the_mask_ratio():
     from torch.utils.flop_counter import FlopCounterMode
 
     encoder = build(STRADDLE).encoder
-    images = torch.randn(2, 3, 56, 56)
+    images = torch.randn(2, C, 56, 56)
     flops = {}
     for ratio in (0.0, 0.75):
         keep = random_mask(2, encoder.num_cells, ratio).keep
@@ -131,8 +133,8 @@ def test_compute_falls_with_the_mask_ratio():
 def test_masks_hide_whole_cells_and_targets_are_per_cell_normalized():
     mae = build([])
     assert mae.target_px == 4 and mae.grid == (8, 8)
-    out = mae(torch.rand(2, 3, 32, 32))
-    assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * 3)
+    out = mae(torch.rand(2, C, 32, 32))
+    assert out.pred.shape == out.target.shape == (2, 64, 4 * 4 * C)
     torch.testing.assert_close(out.target.mean(-1), torch.zeros(2, 64), atol=1e-5, rtol=0)
     assert torch.all((~out.mask.hidden).sum(1) == 16)
 
@@ -161,7 +163,7 @@ def test_short_visible_only_run_lowers_the_loss(mae_run):
 
 def test_exported_swin_encoder_loads_into_timm_with_the_same_features(mae_run):
     loaded, encoder = export_of_run(*mae_run, {"head.fc.weight", "head.fc.bias"})
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randn(2, C, 32, 32)
     with torch.no_grad():
         reference = loaded.forward_features(images)
         torch.testing.assert_close(reference, encoder(images))

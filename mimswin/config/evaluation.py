@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from mimswin.config.sections import DataConfig, OptimConfig, TrainConfig, check, check_sections
+from mimswin.config.sections import DataConfig, OptimConfig, TrainConfig, check, check_sections, size_pair
 from mimswin.errors import ConfigError
 
 FEATURES = ("cls", "avg", "cls+avg")
@@ -19,10 +19,11 @@ L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 class ClassifierConfig:
     """The plain timm classifier around the encoder; name and sizes come from the checkpoint unless set here.
     `global_pool`: avg (+ fc_norm for ViT) or token (the class token); null = token where the encoder has one, else
-    avg (the linear probe's default: MAE probes the class token, a Swin has none)."""
+    avg (the linear probe's default: MAE probes the class token, a Swin has none). `img_size`: an int or
+    [height, width]; unset: the encoder's."""
 
     name: Optional[str] = None
-    img_size: Optional[int] = None
+    img_size: Optional[Union[int, List[int]]] = None
     global_pool: Optional[str] = "avg"
     drop_path_rate: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -30,9 +31,9 @@ class ClassifierConfig:
 
 @dataclass
 class AugmentConfig:
-    """Fine-tuning augmentation from timm: RandAugment, colour jitter, random erasing, Mixup/CutMix, label smoothing.
-    `color_jitter` (brightness/contrast/saturation strength) is off by default, as in MAE's fine-tuning (timm's
-    training transform would otherwise add 0.4 whenever RandAugment is off)."""
+    """Fine-tuning augmentation from timm: RandAugment or colour jitter (8-bit RGB only), random erasing, Mixup/CutMix,
+    label smoothing (any channel count). `color_jitter` (brightness/contrast/saturation strength) is off by default,
+    as in MAE's fine-tuning."""
 
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
     color_jitter: Optional[float] = None
@@ -95,6 +96,8 @@ class LabeledDataConfig(DataConfig):
 def check_labeled(cfg: "FinetuneConfig | LinprobeConfig") -> None:
     """Checks both evaluation programs share: pooling, eval crop, labeled shards and subsets, the common sections."""
     pool = cfg.model.global_pool
+    if cfg.model.img_size is not None:
+        size_pair(cfg.model.img_size)
     check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
     check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
     check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
@@ -135,9 +138,20 @@ class FinetuneConfig:
         check(0 <= self.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {self.aug.smoothing}")
         check(self.aug.color_jitter is None or self.aug.color_jitter >= 0, "aug.color_jitter",
               f"must be >= 0 or null, got {self.aug.color_jitter}")
+        check(not (self.aug.auto_augment and self.aug.color_jitter), "aug.color_jitter",
+              "give aug.auto_augment (RandAugment) or aug.color_jitter, not both")
+        check_colour_augment(self)
         mixing = self.aug.mixup > 0 or self.aug.cutmix > 0
         check(not mixing or self.data.batch_size % 2 == 0, "data.batch_size",
               f"Mixup/CutMix needs an even batch size, got {self.data.batch_size} (or set aug.mixup=0 aug.cutmix=0)")
+
+
+def check_colour_augment(cfg: FinetuneConfig) -> None:
+    """RandAugment and colour jitter are 8-bit RGB operations: refused once the channel count is known to differ."""
+    channels = cfg.data.channels
+    for key, value in (("aug.auto_augment", cfg.aug.auto_augment), ("aug.color_jitter", cfg.aug.color_jitter)):
+        check(channels in (None, 3) or not value, key, f"colour augmentation works on RGB images, not on "
+              f"{channels} channel(s); set {key}=null (random erasing and Mixup/CutMix work on any channels)")
 
 
 @dataclass

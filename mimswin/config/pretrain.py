@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
-from mimswin.config.sections import DataConfig, OptimConfig, TrainConfig, check, check_sections
+from mimswin.config.sections import (
+    DataConfig,
+    OptimConfig,
+    TrainConfig,
+    check,
+    check_sections,
+    resolve_pixels,
+    size_pair,
+)
 
 
 @dataclass
 class ModelConfig:
-    """The encoder: any timm model name, with the size overrides timm's factory accepts."""
+    """The encoder: any timm model name, with the size overrides timm's factory accepts. `img_size`: an int (square)
+    or [height, width]. Its input channels are `data.channels`."""
 
     name: str = "vit_base_patch16_224"
-    img_size: int = 224
+    img_size: Union[int, List[int]] = 224
     patch_size: Optional[int] = None
     drop_path_rate: float = 0.0
     kwargs: Dict[str, Any] = field(default_factory=dict)
@@ -46,6 +55,15 @@ class LossConfig:
 
 
 @dataclass
+class VisConfig:
+    """Reconstruction pictures: `bands`, the channels shown (one: gray; three: as red, green, blue); unset: the image
+    as it is for 1 or 3 channels, else its first three (two channels: [0, 1, 0]). Channels other than plain RGB are
+    each stretched between their own 1st and 99th percentiles."""
+
+    bands: Optional[List[int]] = None
+
+
+@dataclass
 class PretrainConfig:
     """`mimswin pretrain`: a MIM method over a timm encoder."""
 
@@ -57,6 +75,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    vis: VisConfig = field(default_factory=VisConfig)
 
     def validate(self) -> None:
         """Semantic checks that types alone cannot express (run by `load_config`)."""
@@ -68,3 +87,12 @@ class PretrainConfig:
               f"{self.decoder.dim} is not divisible by decoder.heads={self.decoder.heads}")
         check(self.decoder.dim % 4 == 0, "decoder.dim", "must be divisible by 4 (2-D sin-cos position embedding)")
         check_sections(self.data, self.optim, self.train)
+        size_pair(self.model.img_size)
+        resolve_pixels(self.data)
+        in_chans = self.model.kwargs.get("in_chans")
+        check(in_chans is None or in_chans == self.data.channels, "model.kwargs.in_chans",
+              f"{in_chans} conflicts with data.channels={self.data.channels}; set data.channels={in_chans} (the "
+              "encoder's in_chans follows it)")
+        bands = self.vis.bands
+        check(bands is None or (len(bands) in (1, 3) and all(0 <= b < self.data.channels for b in bands)),
+              "vis.bands", f"one or three channel indices in [0, {self.data.channels}), got {bands}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 from mimswin.errors import ConfigError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+LAYOUTS = ("auto", "hwc", "chw")
+Size = Tuple[int, int]
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -17,17 +19,31 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def size_pair(value: Union[int, Sequence[int]], key: str = "model.img_size") -> Size:
+    """An image size as (height, width): an int means a square, a list is [height, width]."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    check(len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair), key,
+          f"must be a positive int or [height, width], got {value}")
+    return pair
+
+
 @dataclass
 class DataConfig:
-    """Where images come from and how they are augmented. `path` set means an image folder, else the embedded set."""
+    """Where images come from, what their pixels are and how they are augmented. `path` set means an image folder,
+    else the embedded set. `channels`: bands per image (unset: 3 for pretraining, the encoder's for evaluation);
+    `layout`: hwc | chw | auto for 3-D .npy arrays; `mean` / `std`: one value per channel, in the loader's units
+    (integer pixels divided by their range; `mimswin stats PATH` prints them), unset: the encoder's (evaluation) or
+    ImageNet's (3 channels)."""
 
     path: Optional[str] = None
     batch_size: int = 64
     num_workers: int = 2
     crop_scale: List[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: float = 0.5
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    channels: Optional[int] = None
+    layout: str = "auto"
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     shards: Optional[str] = None
     shard_sizes: Optional[str] = None
     shuffle_buffer: int = 1000
@@ -76,13 +92,43 @@ class TrainConfig:
 
 
 
+def resolve_pixels(data: DataConfig, channels: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None, origin: str = "the encoder") -> DataConfig:
+    """Fill `data.channels`, `data.mean` and `data.std` where the config leaves them unset: from what `origin`
+    recorded (`channels`, `mean`, `std`), else 3 channels with ImageNet's statistics. One ConfigError when the config
+    contradicts `origin`'s channels or no statistics fit the channel count."""
+    if data.channels is not None and channels is not None and data.channels != channels:
+        raise ConfigError(f"config key 'data.channels': {data.channels}, but {origin} reads {channels} channel(s)")
+    data.channels = data.channels or channels or 3
+    if data.mean is None:
+        if mean is not None and std is not None and len(mean) == data.channels:
+            data.mean, data.std = list(mean), list(std)
+        elif data.channels == 3:
+            data.mean, data.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        else:
+            raise ConfigError(f"config key 'data.mean': {data.channels} channel(s) need their own data.mean and "
+                              f"data.std (one value per channel); `mimswin stats PATH --channels {data.channels}` "
+                              "prints them")
+    check(len(data.mean) == data.channels, "data.mean", f"{len(data.mean)} value(s) for {data.channels} channel(s) "
+          "(data.channels); give one value per channel")
+    return data
+
+
 def check_sections(data: DataConfig, optim: OptimConfig, train: TrainConfig) -> None:
     """The shared sections' checks, run by every program's schema."""
     check(data.batch_size > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
     check(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
     check(len(data.crop_scale) == 2 and 0 < data.crop_scale[0] <= data.crop_scale[1] <= 1, "data.crop_scale",
           f"must be [min, max] with 0 < min <= max <= 1, got {data.crop_scale}")
-    check(len(data.mean) == len(data.std) == 3, "data.mean", "data.mean and data.std need three values each")
+    check(data.channels is None or data.channels >= 1, "data.channels", f"must be >= 1, got {data.channels}")
+    check(data.layout in LAYOUTS, "data.layout", f"must be one of {', '.join(LAYOUTS)}, got '{data.layout}'")
+    check((data.mean is None) == (data.std is None), "data.mean", "give data.mean and data.std together")
+    if data.mean is not None and data.std is not None:
+        check(len(data.mean) == len(data.std), "data.std", f"{len(data.std)} value(s) for {len(data.mean)} in "
+              "data.mean; give one value per channel in each")
+        check(all(s > 0 for s in data.std), "data.std", f"must be positive, got {data.std}")
+        check(data.channels is None or len(data.mean) == data.channels, "data.mean",
+              f"{len(data.mean)} value(s) for data.channels={data.channels}; give one value per channel")
     check(data.shards is None or data.path is None, "data.shards", "give data.shards or data.path, not both")
     check(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
     check(data.samples_per_epoch is None or data.samples_per_epoch > 0, "data.samples_per_epoch",

@@ -8,18 +8,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, List, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mimswin.config import DataConfig
 from mimswin.config.evaluation import LabeledDataConfig
-from mimswin.data.build import EpochLoader
+from mimswin.data.build import EpochLoader, device_step, read_spec
+from mimswin.data.pixels import DeviceStep, collate_samples, ready_batches
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
-from mimswin.data.sources import EmbeddedMNIST, ImageFolder, collate_skipping_none
+from mimswin.data.sources import EmbeddedMNIST, ImageFolder
 from mimswin.data.subsets import labeled_subset
 from mimswin.errors import DataError
 
@@ -40,9 +42,10 @@ class LabeledShards:
     def loader(self, batch_size: int, num_workers: int, num_replicas: int, rank: int, seed: int,
                device: torch.device, train: bool, batch_multiple: int = 1) -> ShardLoader:
         cfg = self.cfg
-        return build_shard_loader(self.spec, self.transform, batch_size, num_workers, num_replicas, rank, seed, device,
-                                  train=train, resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
-                                  sizes_file=cfg.shard_sizes, samples_per_epoch=cfg.samples_per_epoch,
+        return build_shard_loader(self.spec, self.transform, read_spec(cfg), device_step(cfg), batch_size, num_workers,
+                                  num_replicas, rank, seed, device, train=train, resampled=cfg.resampled,
+                                  shuffle_buffer=cfg.shuffle_buffer, sizes_file=cfg.shard_sizes,
+                                  samples_per_epoch=cfg.samples_per_epoch,
                                   batch_multiple=batch_multiple, labeled=True)
 
 
@@ -60,7 +63,7 @@ def labeled_source(cfg: LabeledDataConfig, split: str, transform: Callable) -> T
         shards = LabeledShards(cfg.shards if split == "train" else cfg.val_shards, transform, cfg)
         return shards, shards.classes
     if cfg.path is None:
-        dataset = EmbeddedMNIST(split, transform)
+        dataset = EmbeddedMNIST(split, transform, cfg.channels or 3)
         return dataset, dataset.classes
     if is_shard_spec(cfg.path):
         raise DataError(f"data.path '{cfg.path}' names webdataset shards: pass labeled shards as data.shards (train) "
@@ -69,7 +72,7 @@ def labeled_source(cfg: LabeledDataConfig, split: str, transform: Callable) -> T
     if not root.is_dir():
         raise DataError(f"data.path: '{root}' is not a directory; labeled data needs train/ and val/ subfolders, "
                         "each with one subfolder per class")
-    dataset = ImageFolder(root, transform)
+    dataset = ImageFolder(root, transform, read_spec(cfg))
     if not dataset.classes or any(label < 0 for _, label in dataset.samples):
         raise DataError(f"data.path: '{root}' has images outside class subfolders; put each class in its own folder")
     return dataset, dataset.classes
@@ -107,9 +110,10 @@ def labeled_pair(cfg: LabeledDataConfig, train_transform: Callable, val_transfor
 
 
 def train_loader(dataset: LabeledData, cfg: DataConfig, num_replicas: int, rank: int, seed: int,
-                 device: torch.device, batch_multiple: int = 1,
-                 num_workers: int | None = None) -> Union[EpochLoader, ShardLoader]:
-    """The resumable per-rank loader of the loop core over a labeled dataset or labeled shards."""
+                 device: torch.device, batch_multiple: int = 1, num_workers: int | None = None,
+                 features: bool = False) -> Union[EpochLoader, ShardLoader]:
+    """The resumable per-rank loader of the loop core over a labeled dataset or labeled shards (`features`: over cached
+    features, which skip the device step of images)."""
     workers = cfg.num_workers if num_workers is None else num_workers
     if isinstance(dataset, LabeledShards):
         return dataset.loader(cfg.batch_size, workers, num_replicas, rank, seed, device, True, batch_multiple)
@@ -118,18 +122,19 @@ def train_loader(dataset: LabeledData, cfg: DataConfig, num_replicas: int, rank:
     if sampler.batches_per_epoch == 0:
         raise DataError(f"data: {len(dataset)} training samples cannot fill one batch of {cfg.batch_size} x "
                         f"{num_replicas} process(es) x {batch_multiple} accumulation step(s)")
-    return EpochLoader(dataset, sampler, workers, device)
+    return EpochLoader(dataset, sampler, workers, device, None if features else device_step(cfg))
 
 
-def rank_loader(dataset: LabeledData, batch_size: int, num_workers: int, rank: int,
-                world: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+def rank_loader(dataset: LabeledData, batch_size: int, num_workers: int, rank: int, world: int,
+                step: Optional[DeviceStep], device: torch.device) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
     """In order, this rank's share (indices rank, rank + world, ...; for shards, its shards) of the data, every sample
-    once overall."""
+    once overall, as (model input, labels) on `device` (`step` None: cached features, moved as they are)."""
     if isinstance(dataset, LabeledShards):
-        return dataset.loader(batch_size, num_workers, world, rank, 0, torch.device("cpu"), False).epoch(0)
+        return dataset.loader(batch_size, num_workers, world, rank, 0, device, False).epoch(0)
     subset = Subset(dataset, range(rank, len(dataset), world))
-    return DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                      collate_fn=collate_skipping_none)
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=collate_samples)
+    return ready_batches(loader, step, device, Counter())
 
 
 def feature_dataset(features: torch.Tensor, labels: torch.Tensor) -> TensorDataset:

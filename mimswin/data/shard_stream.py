@@ -4,12 +4,12 @@ An epoch is planned from (seed, epoch) alone: the shard list is shuffled and dea
 resampled, each slot draws shards with replacement from its own seeded stream). A slot reads its shards in order and
 shuffles them in windows of `shuffle_buffer` samples. Resuming at batch b skips whole consumed shards by their sizes
 and re-reads (without decoding) only the consumed part of the current shard and window. Images are decoded after the
-shuffle, each under its own seed. See docs/data.md for what is guaranteed.
+shuffle, each under its own seed, by the same readers as image folders (any format `readers.py` reads, kept in its own
+dtype). See docs/data.md for what is guaranteed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -22,21 +22,19 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from mimswin.data.pixels import Batch, DeviceStep, SampleError, Skipped, collate_samples, ready_batches, stack_samples
+from mimswin.data.readers import ReadSpec, read_bytes
 from mimswin.data.sampler import sample_seed
-from mimswin.data.sources import to_rgb
 from mimswin.errors import DataError
 from mimswin.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 SIZES_FILE = "sizes.json"
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm")
-REASONS = ("unreadable image", "no image", "bad label", "no label", "unreadable shard")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
 CLASSES_FILE = "classes.json"
-Batch = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def is_local(url: str) -> bool:
@@ -129,30 +127,29 @@ def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator
         on_error(url, err)
 
 
-def decode_sample(sample: dict, transform: Callable, seed: int,
-                  labeled: bool = False) -> Tuple[Optional[Tuple[torch.Tensor, int]], str]:
-    """(image tensor, label; -1 without a `cls`) or (None, reason); the transform runs under the sample's own seed.
-    `labeled`: a sample without a `cls` is skipped ("no label"), as evaluation needs one."""
+def decode_sample(sample: dict, transform: Callable, spec: ReadSpec, seed: int,
+                  labeled: bool = False) -> Tuple[torch.Tensor, int] | Skipped:
+    """(image tensor in its own dtype, label; -1 without a `cls`) or `Skipped`; the transform runs under the sample's
+    own seed. `labeled`: a sample without a `cls` is skipped ("no label"), as evaluation needs one."""
+    source = f"{sample.get('__url__')}:{sample.get('__key__')}"
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
-        return None, "no image"
+        return Skipped("no image", source)
     label = -1
     if labeled and "cls" not in sample:
-        return None, "no label"
+        return Skipped("no label", source)
     if "cls" in sample:
         try:
             label = int(sample["cls"].decode().strip())
         except (UnicodeDecodeError, ValueError):
-            return None, "bad label"
+            return Skipped("bad label", source)
     try:
-        with Image.open(io.BytesIO(sample[key])) as image:
-            image.load()
-            rgb = to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, "unreadable image"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return (transform(rgb), label), ""
+        image = read_bytes(sample[key], key, spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return transform(image), label
+    except SampleError as err:
+        return Skipped(err.reason, source, err.detail)
 
 
 @dataclass
@@ -218,10 +215,11 @@ class ShardPlan:
 
 
 class ShardBatches(IterableDataset):
-    """Yields (images, labels, skip counts per reason) batches of one rank; each DataLoader worker plays one slot."""
+    """Yields the `Batch`es of one rank (samples in their own dtype, skips per reason); each DataLoader worker plays
+    one slot."""
 
-    def __init__(self, plan: ShardPlan, transform: Callable) -> None:
-        self.plan, self.transform = plan, transform
+    def __init__(self, plan: ShardPlan, transform: Callable, spec: ReadSpec) -> None:
+        self.plan, self.transform, self.spec = plan, transform, spec
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     def set_position(self, epoch: int, start_batch: int) -> None:
@@ -236,10 +234,11 @@ class ShardBatches(IterableDataset):
         epoch, start_batch = self.position.tolist()
         return self.batches(epoch, (worker + start_batch) % workers, start_batch)
 
-    def samples(self, epoch: int, slot: int, skip: int, counts: Counter) -> Iterator[dict]:
-        """This slot's raw samples from position `skip` on; whole shards of known size are skipped unopened."""
+    def samples(self, epoch: int, slot: int, skip: int, broken: List[Skipped]) -> Iterator[dict]:
+        """This slot's raw samples from position `skip` on; whole shards of known size are skipped unopened; a shard
+        that breaks is added to `broken`."""
         def on_error(url: str, err: Exception) -> None:
-            counts["unreadable shard"] += 1
+            broken.append(Skipped("unreadable shard", url, f"{type(err).__name__}: {err}"))
             log.warning("shard %s is unreadable from here on (%s: %s); going on", url, type(err).__name__, err)
 
         empty_run = 0
@@ -259,7 +258,7 @@ class ShardBatches(IterableDataset):
             if empty_run > 3 * len(self.plan.urls):
                 raise DataError(f"data.shards: no readable sample in {empty_run} shards in a row")
 
-    def shuffled(self, epoch: int, slot: int, first: int, counts: Counter) -> Iterator[dict]:
+    def shuffled(self, epoch: int, slot: int, first: int, broken: List[Skipped]) -> Iterator[dict]:
         """Samples from output position `first` on, shuffled within windows of `shuffle_buffer` samples.
 
         Windows restart at every pass over the slot's shards (when its size is known), so no sample comes twice
@@ -269,7 +268,7 @@ class ShardBatches(IterableDataset):
         period = self.plan.pass_size(epoch, slot)
         turn, within = divmod(first, period) if period else (0, first)
         window_index, offset = divmod(within, size)
-        source = self.samples(epoch, slot, (turn * period if period else 0) + window_index * size, counts)
+        source = self.samples(epoch, slot, (turn * period if period else 0) + window_index * size, broken)
         while True:
             length = min(size, period - window_index * size) if period else size
             window = [sample for _, sample in zip(range(length), source)]
@@ -285,8 +284,8 @@ class ShardBatches(IterableDataset):
     def batches(self, epoch: int, slot: int, start_batch: int) -> Iterator[Batch]:
         plan, size = self.plan, self.plan.batch_size
         before, count = plan.slot_batches(slot, start_batch)
-        counts: Counter = Counter()
-        source = self.shuffled(epoch, slot, before * size, counts)
+        broken: List[Skipped] = []
+        source = self.shuffled(epoch, slot, before * size, broken)
         index = before
         while not plan.train or index < before + count:
             raw = [sample for _, sample in zip(range(size), source)]
@@ -297,34 +296,25 @@ class ShardBatches(IterableDataset):
             for i, sample in enumerate(raw):
                 seed = sample_seed(plan.seed, epoch, (plan.rank * max(1, plan.batches_per_epoch) + batch_number)
                                    * size + i)
-                item, reason = decode_sample(sample, self.transform, seed, plan.labeled)
-                if item is None:
-                    counts[reason] += 1
-                    log.warning("skipping sample %s of %s: %s", sample.get("__key__"), sample.get("__url__"), reason)
-                else:
-                    items.append(item)
-            yield collate(items, counts)
-            counts.clear()
+                item = decode_sample(sample, self.transform, self.spec, seed, plan.labeled)
+                if isinstance(item, Skipped):
+                    log.warning("skipping sample %s: %s", item.source, item.detail or item.reason)
+                items.append(item)
+            yield collate_samples(items + broken)
+            broken.clear()
             index += 1
 
 
-def collate(items: List[Tuple[torch.Tensor, int]], counts: Counter) -> Batch:
-    """Stack the readable samples; the third tensor counts the skipped ones per reason (they cross worker processes)."""
-    skips = torch.tensor([counts.get(reason, 0) for reason in REASONS], dtype=torch.int64)
-    if not items:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), skips
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64), skips
-
-
 class ShardLoader:
-    """Same interface as `EpochLoader`: `batches_per_epoch`, `epoch(e, start_batch)` -> (images, labels) on device.
+    """Same interface as `EpochLoader`: `batches_per_epoch`, `epoch(e, start_batch)` -> (model input, labels) on the
+    device, through `step` (the device step).
 
     `skipped` / `skip_reasons` count the samples this rank dropped (corrupt images, unreadable shards, ...). The loader
     has its own generator: starting an epoch must not draw from the global RNG that masks come from (exact resume).
     """
 
-    def __init__(self, stream: ShardBatches, num_workers: int, device: torch.device) -> None:
-        self.stream, self.device = stream, device
+    def __init__(self, stream: ShardBatches, num_workers: int, device: torch.device, step: DeviceStep) -> None:
+        self.stream, self.device, self.step = stream, device, step
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
                                  generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
@@ -342,14 +332,11 @@ class ShardLoader:
         if start_batch and not self.stream.plan.train:
             raise ValueError("an evaluation pass over shards always starts at batch 0")
         self.stream.set_position(epoch, start_batch)
-        for images, labels, skips in self.loader:
-            self.skip_reasons.update({r: n for r, n in zip(REASONS, skips.tolist()) if n})
-            if images.shape[0] == 0:
-                raise DataError(f"a whole batch of shard samples was unreadable ({dict(self.skip_reasons)})")
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        return ready_batches(self.loader, self.step, self.device, self.skip_reasons)
 
 
-def build_shard_loader(spec: str, transform: Callable, batch_size: int, num_workers: int, num_replicas: int,
+def build_shard_loader(spec: str, transform: Callable, read_spec: ReadSpec, step: DeviceStep, batch_size: int,
+                       num_workers: int, num_replicas: int,
                        rank: int, seed: int, device: torch.device, *, train: bool = True, resampled: bool = False,
                        shuffle_buffer: int = 1000, sizes_file: Optional[str] = None,
                        samples_per_epoch: Optional[int] = None, batch_multiple: int = 1,
@@ -385,19 +372,23 @@ def build_shard_loader(spec: str, transform: Callable, batch_size: int, num_work
         stride = num_replicas * slots
         per_slot = [sum(sizes[rank * slots + s::stride]) for s in range(slots)]
         plan.batches_per_epoch = sum(-(-n // batch_size) for n in per_slot)
-    return ShardLoader(ShardBatches(plan, transform), num_workers, device)
+    return ShardLoader(ShardBatches(plan, transform, read_spec), num_workers, device, step)
 
 
-def shard_preview(spec: str, transform: Callable, count: int) -> torch.Tensor:
-    """The first `count` readable images of the shards in order, for reconstruction pictures."""
+def shard_preview(spec: str, transform: Callable, read_spec: ReadSpec, count: int) -> torch.Tensor:
+    """The first `count` usable images of the shards in order (in their own dtype), for reconstruction pictures."""
     images: List[torch.Tensor] = []
+    first: Optional[Skipped] = None
     for url in expand_shards(spec):
         for sample in read_shard(url, lambda u, e: None):
-            item, _ = decode_sample(sample, transform, 0)
-            if item is not None:
+            item = decode_sample(sample, transform, read_spec, 0)
+            if isinstance(item, Skipped):
+                first = first or item
+            else:
                 images.append(item[0])
             if len(images) == count:
-                return torch.stack(images)
+                return stack_samples(images)
     if not images:
-        raise DataError(f"data.shards: no readable image in '{spec}'")
-    return torch.stack(images)
+        reason = f": {first.describe()}" if first else ""
+        raise DataError(f"data.shards: no usable image in '{spec}'{reason}")
+    return stack_samples(images)

@@ -1,8 +1,9 @@
 """Shard writer: an image folder or the embedded data set -> webdataset tar shards (image + cls + key).
 
-`python -m mimswin.data.shard_write SRC OUT --maxcount N` writes OUT/<prefix>-000000.tar, ... with wds.ShardWriter, and
-OUT/sizes.json (samples per shard, read by the shard loader to plan epochs and skip consumed shards on resume).
-JPEG and PNG files are stored byte for byte; other formats are converted to PNG; unreadable files are skipped.
+`mimswin shards SRC OUT --maxcount N` writes OUT/<prefix>-000000.tar, ... with wds.ShardWriter, and OUT/sizes.json
+(samples per shard, read by the shard loader to plan epochs and skip consumed shards on resume). Every file the
+readers can decode (images, multi-band TIFF, `.npy` arrays) is stored byte for byte under its own extension, so the
+shards hold exactly the pixels the folder holds; files that cannot be decoded are skipped and counted.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mimswin.data.pixels import SampleError
+from mimswin.data.readers import ReadSpec, read_bytes
 from mimswin.data.shard_stream import CLASSES_FILE, SIZES_FILE
-from mimswin.data.sources import EmbeddedMNIST, scan_folder, to_rgb
+from mimswin.data.sources import EmbeddedMNIST, scan_folder
 from mimswin.errors import DataError
 
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+EXTENSION_KEYS = {"jpeg": "jpg", "tif": "tiff"}  # one webdataset key per format
 EMBEDDED = "embedded"
 
 
@@ -74,15 +77,14 @@ def sample_key(relative: Path, taken: set) -> str:
 
 
 def encode_file(path: Path) -> Tuple[str, bytes]:
-    """(extension, bytes): JPEG/PNG as they are (after a full decode check), anything else as RGB PNG."""
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if image.format in KEPT_FORMATS:
-            return KEPT_FORMATS[image.format], data
-        buffer = io.BytesIO()
-        to_rgb(image).save(buffer, format="PNG")
-        return "png", buffer.getvalue()
+    """(extension key, bytes) of a file stored as it is, after a full decode check (`SampleError` if it fails)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SampleError("unreadable image", err.strerror or str(err)) from None
+    ext = path.suffix.lower().lstrip(".")
+    read_bytes(data, ext, ReadSpec(channels=None, layout="chw"))  # decodable; channels and layout are the run's
+    return EXTENSION_KEYS.get(ext, ext), data
 
 
 def folder_records(root: Path) -> Tuple[Iterator[Record], int, List[str]]:
@@ -99,8 +101,8 @@ def folder_records(root: Path) -> Tuple[Iterator[Record], int, List[str]]:
             record = Record(sample_key(relative, taken), label, source=relative.as_posix())
             try:
                 record.ext, record.data = encode_file(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                record.error = "unreadable image"
+            except SampleError as err:
+                record.error = err.reason
             yield record
 
     return records(), len(samples), classes
@@ -112,7 +114,7 @@ def embedded_records(split: str) -> Tuple[Iterator[Record], int, List[str]]:
     def records() -> Iterator[Record]:
         for i in range(len(dataset)):
             buffer = io.BytesIO()
-            Image.fromarray(dataset.images[i], mode="L").save(buffer, format="PNG")
+            Image.fromarray(dataset.images[i].numpy(), mode="L").save(buffer, format="PNG")
             yield Record(f"mnist_{split}_{i:05d}", int(dataset.labels[i]), "png", buffer.getvalue())
 
     return records(), len(dataset), dataset.classes

@@ -1,50 +1,41 @@
-"""Map-style image sources. Each item is (PIL RGB image, label); label -1 when a source has no classes."""
+"""Map-style image sources. Each item is (C x H x W tensor in the file's own dtype, label), label -1 when a source has
+no classes, or a `Skipped` saying why the file could not be used."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
+from mimswin.data.pixels import SampleError, Skipped
+from mimswin.data.readers import IMAGE_EXTENSIONS, ReadSpec, read_path
 from mimswin.errors import DataError
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 EMBEDDED_VAL_SIZE = 1000
 EMBEDDED_SPLIT_SEED = 0
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, CMYK, I;16, F, ...) -> 8-bit RGB; 16-bit and float images are rescaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
+Item = Union[Tuple[torch.Tensor, int], Skipped]
 
 
 class EmbeddedMNIST(Dataset):
     """MNIST-5k (real handwritten digits, 500 per class) shipped inside the package, so a default run needs no download.
 
     The file is sorted by label; the train/val split is a fixed seeded shuffle (4000 / 1000), the same on every machine.
+    Items are 8-bit gray 1 x 28 x 28 tensors, repeated to 3 x 28 x 28 for `channels=3`.
     """
 
-    def __init__(self, split: str = "train", transform: Optional[Callable] = None) -> None:
+    def __init__(self, split: str = "train", transform: Optional[Callable] = None, channels: int = 3) -> None:
         if split not in ("train", "val", "all"):
             raise DataError(f"embedded data set: unknown split '{split}' (train, val or all)")
+        if channels not in (1, 3):
+            raise DataError(f"config key 'data.channels': the embedded digits are gray, read as 1 or 3 channels, not "
+                            f"{channels}; set data.path to your own images")
         with np.load(ASSETS / "mnist5k.npz") as data:
             images, labels = data["images"], data["labels"].astype(np.int64)
         order = np.random.default_rng(EMBEDDED_SPLIT_SEED).permutation(len(images))
@@ -52,15 +43,15 @@ class EmbeddedMNIST(Dataset):
             order = order[EMBEDDED_VAL_SIZE:]
         elif split == "val":
             order = order[:EMBEDDED_VAL_SIZE]
-        self.images, self.labels = images[order], labels[order]
-        self.transform = transform
+        self.images, self.labels = torch.from_numpy(images[order]), labels[order]
+        self.transform, self.channels = transform, channels
         self.classes = [str(i) for i in range(10)]
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Tuple[object, int]:
-        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        image = self.images[index][None].expand(self.channels, -1, -1).contiguous()
         return (self.transform(image) if self.transform else image), int(self.labels[index])
 
 
@@ -79,9 +70,10 @@ def scan_folder(root: Path) -> Tuple[List[Tuple[Path, int]], List[str]]:
 
 
 class ImageFolder(Dataset):
-    """A folder of images, flat or with one subfolder per class. Unreadable images are skipped and counted."""
+    """A folder of images or arrays, flat or with one subfolder per class, read as `spec` says. Files that cannot be
+    used (unreadable, another channel count, NaN pixels, ...) come back as `Skipped` with the reason."""
 
-    def __init__(self, root: str | Path, transform: Optional[Callable] = None) -> None:
+    def __init__(self, root: str | Path, transform: Optional[Callable] = None, spec: ReadSpec = ReadSpec()) -> None:
         self.root = Path(root).expanduser()
         if not self.root.exists():
             raise DataError(f"data.path: '{self.root}' does not exist")
@@ -90,39 +82,16 @@ class ImageFolder(Dataset):
         self.samples, self.classes = scan_folder(self.root)
         if not self.samples:
             raise DataError(f"data.path: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under '{self.root}'")
-        self.transform = transform
-        self.skipped = 0
+        self.transform, self.spec = transform, spec
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> Image.Image:
-        path = self.samples[index][0]
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-
-    def __getitem__(self, index: int) -> Optional[Tuple[object, int]]:
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
         try:
-            image = self.load(index)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            self.skipped += 1
-            log.warning("skipping unreadable image %s: %s", self.samples[index][0], err)
-            return None
-        return (self.transform(image) if self.transform else image), self.samples[index][1]
-
-
-
-def collate_skipping_none(batch: list) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Default collation after dropping the samples a source could not read (returned as None)."""
-    kept = [item for item in batch if item is not None]
-    if not kept:
-        raise DataError("a whole batch of images was unreadable; check the data source")
-    return torch.utils.data.default_collate(kept)
-
-
-def collate_counting_skips(batch: list) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Like `collate_skipping_none`, plus the number of unreadable samples, so the count reaches the main process
-    from DataLoader workers (a worker's own counters never do)."""
-    kept = [item for item in batch if item is not None]
-    return (*collate_skipping_none(kept), len(batch) - len(kept))
+            image = read_path(path, self.spec)
+            return (self.transform(image) if self.transform else image), label
+        except SampleError as err:
+            log.warning("skipping %s: %s", path, err)
+            return Skipped(err.reason, str(path), err.detail)

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
+from mimswin.data.pixels import DeviceStep
 from mimswin.errors import CheckpointError
 from mimswin.eval.metrics import evaluate
 from mimswin.runs.files import atomic_write_bytes
@@ -39,12 +40,12 @@ def log_eval(trainer: Trainer, metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 class EvaluateEachEpoch:
     """Top-1/top-5 on the val split after every `every`-th epoch and at the end (also of the EMA weights); keeps the
-    best."""
+    best. `step`: the device step of the val images (None: cached features)."""
 
-    def __init__(self, val_set: Dataset, batch_size: int, num_workers: int, progress: bool, meta: Dict[str, Any],
-                 ema: Optional[ModelEmaV3] = None, every: int = 1) -> None:
+    def __init__(self, val_set: Dataset, step: Optional[DeviceStep], batch_size: int, num_workers: int, progress: bool,
+                 meta: Dict[str, Any], ema: Optional[ModelEmaV3] = None, every: int = 1) -> None:
         self.val_set, self.ema, self.meta, self.every = val_set, ema, meta, every
-        self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
+        self.loader_args = dict(batch_size=batch_size, num_workers=num_workers, step=step, progress=progress)
         self.best: Dict[str, Any] = {"top1": -1.0}
         self.last: Dict[str, Any] = {}
         self.evaluated_step = -1

@@ -10,10 +10,11 @@ import timm
 import torch
 from torch import nn
 
-from mimswin.config.evaluation import ClassifierConfig
+from mimswin.config.evaluation import ClassifierConfig, FinetuneConfig, LinprobeConfig
+from mimswin.config.sections import Size, resolve_pixels, size_pair
 from mimswin.errors import CheckpointError, ConfigError
 from mimswin.models.create import create_timm
-from mimswin.runs.open import EncoderWeights
+from mimswin.runs.open import EncoderWeights, read_encoder_weights
 
 HEAD_PREFIXES = ("head.", "fc_norm.")
 
@@ -105,9 +106,17 @@ def build_classifier(source: EncoderWeights, cfg: ClassifierConfig, num_classes:
     return model, kwargs, name, report
 
 
-def input_size(cfg: ClassifierConfig, source: EncoderWeights) -> int:
-    """The image side the evaluation runs at: the eval config's, else the encoder's own, else timm's 224."""
-    return cfg.img_size or source.timm_kwargs.get("img_size", 224)
+def input_size(cfg: ClassifierConfig, source: EncoderWeights) -> Size:
+    """The (height, width) the evaluation runs at: the eval config's, else the encoder's own, else timm's 224."""
+    return size_pair(cfg.img_size or source.timm_kwargs.get("img_size", 224))
+
+
+def encoder_source(cfg: "FinetuneConfig | LinprobeConfig") -> EncoderWeights:
+    """The `--from` encoder; the config's unset `data.channels` / `data.mean` / `data.std` are filled from what it
+    recorded (channels it reads, the statistics it was pretrained with), and a config that contradicts it stops here."""
+    source = read_encoder_weights(cfg.checkpoint)
+    resolve_pixels(cfg.data, source.in_chans, source.mean, source.std, f"the encoder '{source.source}'")
+    return source
 
 
 def describe_load(name: str, source: EncoderWeights, random_init: bool, report: LoadReport) -> str:

@@ -13,12 +13,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mimswin.data.build import device_step
 from mimswin.data.labeled import LabeledData, labeled_pair, rank_loader
+from mimswin.data.pixels import DeviceStep
 from mimswin.data.transforms import eval_transform, pretrain_transform
-from mimswin.eval.classifier import LoadReport, build_classifier, describe_load, input_size
+from mimswin.eval.classifier import LoadReport, build_classifier, describe_load, encoder_source, input_size
 from mimswin.eval.pooling import ProbeFeatures
 from mimswin.runs.layout import RunDir
-from mimswin.runs.open import EncoderWeights, read_encoder_weights
+from mimswin.runs.open import EncoderWeights
 from mimswin.train.setup import record_run, start_run
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int,
-                     num_workers: int, progress: bool = False, desc: str = "features"
+                     num_workers: int, step: DeviceStep, progress: bool = False, desc: str = "features"
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32, labels [N]) of every sample on every rank, in dataset order (unreadable ones skipped).
 
@@ -36,12 +38,13 @@ def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelera
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes)
+    loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes, step,
+                         accelerator.device)
     show = progress and accelerator.is_main_process
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
         with accelerator.autocast():
-            feats.append(encoder(images.to(accelerator.device)).float())
-        labels.append(targets.to(accelerator.device))
+            feats.append(encoder(images).float())
+        labels.append(targets)
     encoder.train(was_training)
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
@@ -95,31 +98,32 @@ class FrozenRun:
     timm_name: str
     timm_kwargs: Dict[str, Any]
     plain: Callable
+    step: DeviceStep
 
 
 def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None, augment: bool = False) -> FrozenRun:
     """Read the encoder, start the run, build both splits (train augmented as in pretraining with `augment`, else the
     plain eval view) and the frozen feature reader on the run's device."""
-    source = read_encoder_weights(cfg.checkpoint)
+    source = encoder_source(cfg)
     accelerator, run_dir, checkpoint = start_run(cfg.train, resume)
     record_run(accelerator, run_dir, cfg)
     img_size = input_size(cfg.model, source)
-    plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
-    train_transform = (pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.data.mean, cfg.data.std)
-                       if augment else plain)
+    plain = eval_transform(img_size, cfg.eval_crop_pct)
+    train_transform = pretrain_transform(img_size, cfg.data.crop_scale, cfg.data.hflip) if augment else plain
     train_set, val_set, num_classes = labeled_pair(cfg.data, train_transform, plain)
     set_seed(cfg.train.seed)
     encoder, kwargs, name, report = probe_encoder(source, cfg)
     accelerator.print(f"{describe_load(name, source, cfg.random_init, report)}; features {encoder.features} of the "
                       f"last {encoder.blocks} block(s), {encoder.num_features} wide")
     return FrozenRun(accelerator, run_dir, checkpoint, train_set, val_set, num_classes,
-                     encoder.to(accelerator.device), name, kwargs, plain)
+                     encoder.to(accelerator.device), name, kwargs, plain, device_step(cfg.data))
 
 
 def encode_splits(run: FrozenRun, cfg: "LinprobeConfig", train_set: Optional[LabeledData] = None
                   ) -> Dict[str, torch.Tensor]:
     """Cached features and labels of both splits (every rank holds all of them)."""
-    args = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, progress=cfg.train.progress)
+    args = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, step=run.step,
+                progress=cfg.train.progress)
     train_f, train_y = extract_features(run.encoder, train_set if train_set is not None else run.train_set,
                                         run.accelerator, desc="train features", **args)
     val_f, val_y = extract_features(run.encoder, run.val_set, run.accelerator, desc="val features", **args)

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
+from mimswin.data.pixels import DeviceStep
 from mimswin.eval.features import extract_features
 from mimswin.eval.logistic import fit_probe, folded
 
@@ -26,12 +27,12 @@ class PreLogits(nn.Module):
 
 @torch.no_grad()
 def probe_initialised_head(model: nn.Module, dataset: Dataset, num_classes: int, accelerator: Accelerator,
-                           batch_size: int, num_workers: int, seed: int = 0) -> float:
+                           batch_size: int, num_workers: int, step: DeviceStep, seed: int = 0) -> float:
     """Set `model.get_classifier()` to the logistic probe of the frozen pre-logits on `dataset` (un-augmented);
     every rank fits the same probe on the same gathered features. Returns the picked L2 strength."""
     device = next(model.parameters()).device
     features, labels = extract_features(PreLogits(model).to(accelerator.device), dataset, accelerator,
-                                        batch_size, num_workers, desc="head features")
+                                        batch_size, num_workers, step, desc="head features")
     model.to(device)
     scale, linear, l2, _ = fit_probe(features, labels, num_classes, seed=seed)
     weight, bias = folded(scale, linear)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mimswin.data.labeled import rank_loader
+from mimswin.data.pixels import DeviceStep
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -28,18 +29,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int, num_workers: int,
-             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False
-             ) -> Dict[str, float]:
-    """Loss, top-1 and top-5 (%) of `model` on every sample of `dataset`; each rank runs its share, sums are reduced."""
+             step: Optional[DeviceStep], progress: bool = False) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (%) of `model` on every sample of `dataset` (images through the device `step`; None:
+    cached features); each rank runs its share, sums are reduced."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes)
+    loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes, step,
+                         accelerator.device)
     show = progress and accelerator.is_main_process
     for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
         with accelerator.autocast():
-            logits = model(prepare(images) if prepare else images).float()
+            logits = model(images).float()
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum").double()
         totals += torch.cat([loss[None], topk_correct(logits, labels).to(totals.device),
                              torch.tensor([labels.numel()], dtype=torch.float64, device=totals.device)])

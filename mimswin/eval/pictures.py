@@ -4,25 +4,70 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torchvision.utils import make_grid
 
 from mimswin.models.patches import denormalize_prediction, unpatchify
 from mimswin.runs.files import atomic_write_bytes
 
 PICTURE_MASK_SEED = 0
-LEGIBLE_SIDE = 96  # tiles smaller than this are upscaled (nearest neighbour, whole factors) to at least this side
+LEGIBLE_SIDE = 96  # tiles whose short side is under this are upscaled (nearest neighbour, whole factors) to reach it
+LARGEST_SIDE = 384  # tiles whose long side is over this are scaled down (area) to it
+STRETCH_PERCENTILES = (0.01, 0.99)
+QUANTILE_VALUES = 2 ** 20
+
+
+def default_bands(channels: int) -> Optional[List[int]]:
+    """The channels a picture shows when `vis.bands` is unset: None (the image as it is) for gray and RGB, the first
+    three for more, [0, 1, 0] for two."""
+    if channels in (1, 3):
+        return None
+    return [0, 1, 0] if channels == 2 else [0, 1, 2]
+
+
+def stretch_limits(original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the 1st and 99th percentiles of the original images [B, C, H, W] (shared by every column, so the
+    reconstruction is shown on the original's scale)."""
+    values = original.transpose(0, 1).flatten(1).float()
+    values = values[:, ::max(1, values.shape[1] // QUANTILE_VALUES)]  # torch.quantile takes at most 2^24 values
+    low, high = torch.quantile(values, torch.tensor(STRETCH_PERCENTILES), dim=1).view(2, 1, -1, 1, 1)
+    return low[0], torch.maximum(high[0], low[0] + 1e-6)
+
+
+def display(x: torch.Tensor, bands: Optional[List[int]], limits: Optional[tuple]) -> torch.Tensor:
+    """Pixels in the loader's units [B, C, H, W] -> RGB in [0, 1]: as they are (clamped) without `bands`, else the
+    chosen channels, each stretched between its own percentile limits (one band: gray)."""
+    if bands is None:
+        shown = x.clamp(0, 1)
+        return shown.expand(-1, 3, -1, -1) if shown.shape[1] == 1 else shown
+    low, high = limits
+    shown = ((x - low) / (high - low)).clamp(0, 1)[:, bands]
+    return shown.expand(-1, 3, -1, -1) if len(bands) == 1 else shown
+
+
+def legible(tiles: torch.Tensor) -> torch.Tensor:
+    """Tiles [N, 3, H, W] at a size a person can read: small ones upscaled by a whole factor, large ones scaled down."""
+    short, long = min(tiles.shape[-2:]), max(tiles.shape[-2:])
+    factor = -(-LEGIBLE_SIDE // short)
+    if factor > 1 and long * factor <= 4 * LARGEST_SIDE:
+        return tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    if long > LARGEST_SIDE:
+        size = [max(1, round(side * LARGEST_SIDE / long)) for side in tiles.shape[-2:]]
+        return F.interpolate(tiles, size=size, mode="area")
+    return tiles
 
 
 @torch.no_grad()
 def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
-                        std: Sequence[float]) -> torch.Tensor:
-    """A [3, H, W] picture in [0, 1], one row per image; norm-pix predictions are un-normalized patch by patch.
-    Gray inputs (three equal channels) are shown with gray reconstructions (the channel mean of the prediction);
-    images under 96 px are upscaled by a whole factor so the grid is legible."""
+                        std: Sequence[float], bands: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """A [3, H, W] picture in [0, 1], one row per image (model input, normalized); norm-pix predictions are
+    un-normalized patch by patch. Gray and RGB images are shown as they are (gray inputs in three equal channels with
+    gray reconstructions); other channel counts in false colour from `bands` (default: the first three), each band
+    stretched between its own percentiles. Tiles are scaled to a legible size."""
     was_training = method.training
     method.eval()
     generator = torch.Generator(images.device).manual_seed(PICTURE_MASK_SEED)
@@ -34,23 +79,23 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     hidden = unpatchify(mask.hidden[..., None].expand(-1, -1, p * p * channels).float(), p, method.grid, channels)
     method.train(was_training)
 
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean_t = torch.tensor(list(mean), device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(list(std), device=images.device).view(1, -1, 1, 1)
+    original = images * std_t + mean_t
+    chosen = list(bands) if bands is not None else default_bands(channels)
+    limits = stretch_limits(original) if chosen is not None else None
+    gray = channels == 3 and chosen is None and bool(((original - original[:, :1]).abs() < 1e-4).all())
 
-    original = (images * std_t + mean_t).clamp(0, 1)
-    gray = channels == 3 and bool((original == original[:, :1]).all())
+    def show(normalized: torch.Tensor) -> torch.Tensor:
+        shown = display(normalized * std_t + mean_t, chosen, limits)
+        return shown.mean(dim=1, keepdim=True).expand_as(shown) if gray else shown
 
-    def show(x: torch.Tensor) -> torch.Tensor:
-        x = (x * std_t + mean_t).clamp(0, 1)
-        return x.mean(dim=1, keepdim=True).expand_as(x) if gray else x
-
-    masked = original * (1 - hidden) + 0.5 * hidden
-    columns = [original, masked, show(recon), show(images * (1 - hidden) + recon * hidden)]
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)
-    factor = -(-LEGIBLE_SIDE // min(tiles.shape[-2:]))
-    if factor > 1:
-        tiles = tiles.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    return make_grid(tiles.cpu(), nrow=len(columns), padding=2, pad_value=1.0)
+    hidden_rgb = hidden[:, :1].expand(-1, 3, -1, -1)
+    first = show(images)
+    masked = first * (1 - hidden_rgb) + 0.5 * hidden_rgb
+    columns = [first, masked, show(recon), show(images * (1 - hidden) + recon * hidden)]
+    tiles = legible(torch.stack(columns, dim=1).flatten(0, 1).float().cpu())
+    return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
 
 
 def save_png(picture: torch.Tensor, path: Path) -> None:

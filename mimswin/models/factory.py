@@ -42,7 +42,7 @@ def mask_unit_cells(unit_px: Optional[int], cell_px: int, grid: tuple[int, int])
 def build_method(cfg: PretrainConfig) -> Union[MAE, HieraMAE, SimMIM]:
     """The pretraining model a config describes, with freshly initialised weights (never downloaded)."""
     m = cfg.model
-    model = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
+    model = create_timm_encoder(m.name, m.img_size, m.patch_size, m.drop_path_rate, m.kwargs, cfg.data.channels)
     if cfg.method == "simmim":
         unit_px = cfg.mask.unit or SIMMIM_MASK_UNIT
         return SimMIM(MaskTokenEncoder(model), unit_px, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "l1")

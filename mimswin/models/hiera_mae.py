@@ -16,6 +16,7 @@ from timm.models import checkpoint_seq
 from torch import nn
 
 from mimswin.config.pretrain import PretrainConfig
+from mimswin.config.sections import size_pair
 from mimswin.errors import ConfigError
 from mimswin.models.decoders import decoder_trunk, mae_init
 from mimswin.models.hiera import MaskedHiera
@@ -126,10 +127,10 @@ class HieraMAE(MAE):
 def build_hiera_mae(model: nn.Module, cfg: PretrainConfig) -> HieraMAE:
     """The Hiera MAE of a config around a freshly built timm Hiera, or one clear ConfigError."""
     encoder = MaskedHiera(model)
-    size, unit = cfg.model.img_size, encoder.unit_px
-    if size % unit:
-        raise ConfigError(f"config key 'model.img_size': {size} px is not a multiple of the {unit} px Hiera mask unit "
-                          f"(patch stride x mask_unit_size)")
+    (height, width), unit = size_pair(cfg.model.img_size), encoder.unit_px
+    if height % unit or width % unit:
+        raise ConfigError(f"config key 'model.img_size': {height}x{width} px does not tile into the {unit} px Hiera "
+                          f"mask units (patch stride x mask_unit_size)")
     if cfg.mask.unit is not None and cfg.mask.unit != unit:
         raise ConfigError(f"config key 'mask.unit': Hiera masks its own {unit} px units; leave mask.unit unset and "
                           f"change model.kwargs.mask_unit_size / patch_stride instead")

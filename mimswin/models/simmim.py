@@ -18,6 +18,7 @@ from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.masking import MaskSample, random_mask
 from mimswin.models.patches import patchify, pixel_targets
 from mimswin.models.swin import check_swin, output_stride, swin_forward_with_mask_token
+from mimswin.models.vit import check_patch_grid
 
 
 class MaskTokenEncoder(nn.Module):
@@ -34,6 +35,7 @@ class MaskTokenEncoder(nn.Module):
             if getattr(model, "dynamic_img_size", False) or model.patch_drop.__class__ is not nn.Identity:
                 raise ConfigError("config key 'model.kwargs': dynamic_img_size and patch_drop_rate are not supported "
                                   "by SimMIM")
+            check_patch_grid(model)
             dim = model.embed_dim
         else:
             raise ConfigError(f"config key 'model.name': SimMIM needs a timm VisionTransformer or SwinTransformer, "

@@ -13,6 +13,14 @@ from mimswin.models.pos_embed import sincos_2d
 from mimswin.models.tokens import gather_tokens
 
 
+def check_patch_grid(model: VisionTransformer) -> None:
+    """The image must be a whole number of patches: timm would build the model and fail at the first forward."""
+    (height, width), patch = model.patch_embed.img_size, model.patch_embed.patch_size
+    if height % patch[0] or width % patch[1]:
+        raise ConfigError(f"config key 'model.img_size': {height}x{width} px is not a whole number of "
+                          f"{patch[0]}x{patch[1]} px patches")
+
+
 class MaskedViT(nn.Module):
     """Wraps `timm.create_model(name)`: `model` holds exactly the timm weights, `forward_masked` runs visible tokens.
     A `MaskedEncoder` whose cells are the patches."""
@@ -27,6 +35,7 @@ class MaskedViT(nn.Module):
                               "absolute position embeddings are not supported by the MAE ViT path")
         if model.patch_drop.__class__ is not nn.Identity or getattr(model, "dynamic_img_size", False):
             raise ConfigError("config key 'model.kwargs': patch_drop_rate and dynamic_img_size are not supported")
+        check_patch_grid(model)
         self.model = model
         self.grid: tuple[int, int] = tuple(model.patch_embed.grid_size)
         self.cell_px: int = model.patch_embed.patch_size[0]

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-from mimswin.models.create import timm_kwargs
+from mimswin.models.create import encoder_kwargs
 from mimswin.programs.common import console_entry
 from mimswin.runs.checkpoint import read_state
 from mimswin.runs.export import export_encoder, export_timm_folder, pretrained_cfg, read_export
@@ -19,15 +19,17 @@ def load_snippet(fmt: str, path: Path, name: str, kwargs: Dict[str, Any]) -> str
     if fmt == "timm":
         return f"timm.create_model('local-dir:{path}', pretrained=True, num_classes=...)"
     args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    size = kwargs.get("img_size", 224)
+    input_size = [kwargs.get("in_chans", 3), *((size, size) if isinstance(size, int) else size)]
     return (f"timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay=dict(file='{path}', "
-            f"num_classes=0){args})")
+            f"num_classes=0, input_size={input_size}){args})")
 
 
 def export_run(source: str | Path, fmt: str = "safetensors", out: Optional[str | Path] = None) -> Path:
     """Export the encoder of a pretraining run (its latest checkpoint) as `fmt`; returns the written path."""
     run = load_pretrain_run(source)
     m = run.cfg.model
-    kwargs = timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate, m.kwargs)
+    kwargs = encoder_kwargs(run.cfg)
     kwargs.pop("drop_path_rate", None)
     cfg = pretrained_cfg(kwargs, run.cfg.data.mean, run.cfg.data.std, f"mimswin_{run.cfg.method}")
     encoder = run.method.encoder.model

@@ -1,8 +1,10 @@
 """Fine-tuning program: the plain timm classifier of a pretrained encoder, trained end to end with timm's recipe parts.
 
-Optionally a probe-initialised head (`head_init: probe`, LP-FT), layer-wise lr decay, drop path, RandAugment,
-Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup + cosine per step; top-1/top-5 on the val split
-each epoch; last checkpoint (resumable) and best weights (`best/`).
+Optionally a probe-initialised head (`head_init: probe`, LP-FT), layer-wise lr decay, drop path, RandAugment or colour
+jitter (8-bit RGB), Mixup/CutMix, label smoothing, random erasing, optional EMA, warmup + cosine per step; top-1/top-5
+on the val split each epoch; last checkpoint (resumable) and best weights (`best/`). Samples are cropped, flipped and
+colour-augmented in the workers; random erasing and Mixup/CutMix work on the normalized batch on the device, so they
+serve any channel count.
 """
 
 from __future__ import annotations
@@ -11,45 +13,39 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
-from timm.data import Mixup, create_transform
-from timm.data.auto_augment import RandAugment
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from mimswin.config.evaluation import FinetuneConfig
+from mimswin.config.evaluation import FinetuneConfig, check_colour_augment
+from mimswin.config.sections import Size
+from mimswin.data.build import device_step
 from mimswin.data.labeled import labeled_pair, train_loader
-from mimswin.data.transforms import eval_transform
+from mimswin.data.transforms import eval_transform, finetune_transform
 from mimswin.eval.callbacks import EvaluateEachEpoch
-from mimswin.eval.classifier import build_classifier, describe_load, input_size
+from mimswin.eval.classifier import build_classifier, describe_load, encoder_source, input_size
 from mimswin.eval.head_init import probe_initialised_head
 from mimswin.programs.common import console_entry, parse_eval_args, write_results
-from mimswin.runs.open import read_encoder_weights
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
 from mimswin.train.perf import optimizer_kwargs
 from mimswin.train.setup import plan_steps, record_run, start_run
 
-POSTERIZE_MAX_MAGNITUDE = 9.99
+
+def sample_transform(cfg: FinetuneConfig, img_size: Size) -> Callable:
+    """The workers' part of timm's training transform: random resized crop, flip, RandAugment or colour jitter
+    (`aug.color_jitter`; off unless set)."""
+    return finetune_transform(img_size, cfg.data.crop_scale, cfg.data.hflip, cfg.aug.auto_augment,
+                              cfg.aug.color_jitter, cfg.data.mean)
 
 
-def finetune_transform(cfg: FinetuneConfig, img_size: int) -> Callable:
-    """timm's training transform: random resized crop, flip, RandAugment or colour jitter (`aug.color_jitter`; off
-    unless set), normalize, random erasing.
-
-    At magnitude 10 timm's PosterizeIncreasing asks Pillow to keep 0 bits, which Pillow >= 11 refuses (ValueError);
-    its magnitude is capped just below 10 (1 bit kept, where old Pillow returned a black image).
-    """
-    transform = create_transform(img_size, is_training=True, scale=tuple(cfg.data.crop_scale),
-                                 hflip=cfg.data.hflip, auto_augment=cfg.aug.auto_augment,
-                                 color_jitter=cfg.aug.color_jitter, interpolation="bicubic",
-                                 mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), re_prob=cfg.aug.reprob,
-                                 re_mode="pixel", re_count=1)
-    for step in transform.transforms:
-        for op in step.ops if isinstance(step, RandAugment) else ():
-            if op.name.startswith("Posterize"):
-                op.magnitude_max = POSTERIZE_MAX_MAGNITUDE
-    return transform
+def build_erasing(cfg: FinetuneConfig, device: torch.device) -> Optional[RandomErasing]:
+    """timm's random erasing (one box per image, filled with per-pixel normal noise) on normalized batches."""
+    if cfg.aug.reprob <= 0:
+        return None
+    return RandomErasing(cfg.aug.reprob, mode="pixel", max_count=1, device=str(device))
 
 
 def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Optional[Mixup]:
@@ -68,10 +64,14 @@ def build_criterion(cfg: FinetuneConfig, mixup: Optional[Mixup]) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def classification_loss(criterion: nn.Module, mixup: Optional[Mixup]) -> Callable:
-    """The loop core's loss function: (model, (images, labels)) -> loss, mixing the batch first when asked."""
+def classification_loss(criterion: nn.Module, mixup: Optional[Mixup],
+                        erasing: Optional[RandomErasing] = None) -> Callable:
+    """The loop core's loss function: (model, (images, labels)) -> loss, erasing boxes and mixing the batch first when
+    asked."""
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         images, targets = batch
+        if erasing is not None:
+            images = erasing(images.clone())
         if mixup is not None:
             images, targets = mixup(images, targets)
         return criterion(model(images).float(), targets)
@@ -81,20 +81,19 @@ def classification_loss(criterion: nn.Module, mixup: Optional[Mixup]) -> Callabl
 def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[Trainer, EvaluateEachEpoch]:
     """Everything a fine-tuning run needs, wired and (with `resume`, see `mimswin.train.setup.resume_point`) restored,
     EMA weights and best-so-far record included, ready for `fit()`."""
-    source = read_encoder_weights(cfg.checkpoint)
+    source = encoder_source(cfg)
+    check_colour_augment(cfg)
     accelerator, run_dir, checkpoint = start_run(cfg.train, resume)
     record_run(accelerator, run_dir, cfg)
     img_size = input_size(cfg.model, source)
-    train_set, val_set, num_classes = labeled_pair(
-        cfg.data, finetune_transform(cfg, img_size), eval_transform(img_size, cfg.data.mean, cfg.data.std,
-                                                                   cfg.eval_crop_pct))
+    plain, step = eval_transform(img_size, cfg.eval_crop_pct), device_step(cfg.data)
+    train_set, val_set, num_classes = labeled_pair(cfg.data, sample_transform(cfg, img_size), plain)
     set_seed(cfg.train.seed)
     model, kwargs, name, report = build_classifier(source, cfg.model, num_classes, pretrained=not cfg.random_init)
     accelerator.print(describe_load(name, source, cfg.random_init, report))
     if cfg.head_init == "probe" and checkpoint is None:
-        plain = eval_transform(img_size, cfg.data.mean, cfg.data.std, cfg.eval_crop_pct)
         l2 = probe_initialised_head(model, labeled_pair(cfg.data, plain, plain)[0], num_classes, accelerator,
-                                    cfg.data.batch_size, cfg.data.num_workers, cfg.train.seed)
+                                    cfg.data.batch_size, cfg.data.num_workers, step, cfg.train.seed)
         accelerator.print(f"head initialised to the logistic probe of the frozen features (L2 {l2:g})")
     set_seed(cfg.train.seed + accelerator.process_index)
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
@@ -109,12 +108,13 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
         ema.module.to(accelerator.device)
     mixup = build_mixup(cfg, num_classes)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    meta = {"program": "finetune", "timm_name": name, "timm_kwargs": kwargs, "num_classes": num_classes}
-    evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
+    meta = {"program": "finetune", "timm_name": name, "timm_kwargs": kwargs, "num_classes": num_classes,
+            "mean": cfg.data.mean, "std": cfg.data.std}
+    evaluator = EvaluateEachEpoch(val_set, step, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
                                   ema, cfg.eval_every)
-    trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data,
-                      classification_loss(build_criterion(cfg, mixup), mixup), run_dir, plan.total_steps,
-                      cfg.optim.clip_grad, [evaluator], meta)
+    loss_fn = classification_loss(build_criterion(cfg, mixup), mixup, build_erasing(cfg, accelerator.device))
+    trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, loss_fn, run_dir,
+                      plan.total_steps, cfg.optim.clip_grad, [evaluator], meta)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {plan.total_steps} "

@@ -119,7 +119,8 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
             plain_train = run.train_set if cfg.mode == "cached" else labeled_pair(cfg.data, run.plain, run.plain)[0]
             features = encode_splits(run, cfg, plain_train)
     set_seed(cfg.train.seed + accelerator.process_index)
-    if cfg.mode == "cached":
+    cached = cfg.mode == "cached"
+    if cached:
         model: nn.Module = probe.head
         train_set = feature_dataset(features["train"], features["train_labels"])
         val_set = feature_dataset(features["val"], features["val_labels"])
@@ -127,13 +128,14 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
     else:
         model, train_set, val_set, workers = probe, run.train_set, run.val_set, cfg.data.num_workers
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
-                        accelerator.device, cfg.train.grad_accum_steps, num_workers=workers)
+                        accelerator.device, cfg.train.grad_accum_steps, num_workers=workers, features=cached)
     plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
     optimizer = build_lars(probe.head, plan.lr, cfg.momentum, cfg.optim.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     meta = probe_meta(cfg, run)
-    evaluator = EvaluateEachEpoch(val_set, cfg.data.batch_size, workers, cfg.train.progress, meta)
+    evaluator = EvaluateEachEpoch(val_set, None if cached else run.step, cfg.data.batch_size, workers,
+                                  cfg.train.progress, meta)
     knn = KnnAtEnd(cfg, features, run.num_classes, watch) if cfg.knn.k > 0 else None
     callbacks = [evaluator] + ([knn] if knn is not None else [])
     trainer = Trainer(cfg.train, accelerator, prepared, optimizer, scheduler, data, cross_entropy_loss, run.run_dir,
@@ -150,7 +152,7 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
 def probe_meta(cfg: LinprobeConfig, run: FrozenRun) -> Dict[str, Any]:
     """What the run's records say about the probe: program, mode, architecture and the features read."""
     return {"program": "linprobe", "mode": cfg.mode, "timm_name": run.timm_name, "timm_kwargs": run.timm_kwargs,
-            "num_classes": run.num_classes, "encoder_prefix": "encoder.",
+            "num_classes": run.num_classes, "encoder_prefix": "encoder.", "mean": cfg.data.mean, "std": cfg.data.std,
             "features": run.encoder.features, "blocks": run.encoder.blocks}
 
 

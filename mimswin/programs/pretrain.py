@@ -10,12 +10,13 @@ from accelerate.utils import set_seed
 
 from mimswin.config.loading import load_config
 from mimswin.config.pretrain import PretrainConfig
+from mimswin.config.sections import size_pair
 from mimswin.data.build import build_pretrain_data, preview_images
 from mimswin.eval.pictures import reconstruction_grid, save_png
-from mimswin.models.create import timm_kwargs
+from mimswin.models.create import encoder_kwargs
 from mimswin.models.factory import build_method
 from mimswin.programs.common import console_entry, parse_with_resume, program_parser
-from mimswin.runs.export import export_encoder
+from mimswin.runs.export import export_encoder, pretrained_cfg
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
 from mimswin.train.perf import apply_model_flags, optimizer_kwargs
@@ -42,7 +43,7 @@ class PretrainPictures:
             return
         method = trainer.accelerator.unwrap_model(trainer.model)
         picture = reconstruction_grid(method, self.images.to(trainer.accelerator.device), self.cfg.data.mean,
-                                      self.cfg.data.std)
+                                      self.cfg.data.std, self.cfg.vis.bands)
         save_png(picture, trainer.run_dir.pictures / f"{name}.png")
         save_png(picture, trainer.run_dir.picture)
         log_picture(trainer.accelerator, "reconstruction", picture, trainer.state.step)
@@ -56,7 +57,8 @@ class PretrainPictures:
 
 
 class ExportEncoder:
-    """At the end, the encoder's timm weights go to encoder.safetensors (rank 0)."""
+    """At the end, the encoder's timm weights go to encoder.safetensors (rank 0), with the timm name, constructor
+    arguments and pretrained_cfg (input size, channels, mean and std)."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
@@ -64,11 +66,12 @@ class ExportEncoder:
     def on_train_end(self, trainer: Trainer) -> None:
         if not trainer.accelerator.is_main_process:
             return
-        m = self.cfg.model
+        cfg = self.cfg
         method = trainer.accelerator.unwrap_model(trainer.model)
-        export_encoder(method.encoder.model, trainer.run_dir.encoder, m.name,
-                       timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate, m.kwargs),
-                       {"method": self.cfg.method, "step": trainer.state.step})
+        kwargs = encoder_kwargs(cfg)
+        export_encoder(method.encoder.model, trainer.run_dir.encoder, cfg.model.name, kwargs,
+                       {"method": cfg.method, "step": trainer.state.step,
+                        "pretrained_cfg": pretrained_cfg(kwargs, cfg.data.mean, cfg.data.std, f"mimswin_{cfg.method}")})
 
 
 def pretrain_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -82,7 +85,8 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     set_seed(cfg.train.seed)
     method = apply_model_flags(build_method(cfg), cfg.train)
     set_seed(cfg.train.seed + accelerator.process_index)
-    data = build_pretrain_data(cfg.data, cfg.model.img_size, accelerator.num_processes, accelerator.process_index,
+    size = size_pair(cfg.model.img_size)
+    data = build_pretrain_data(cfg.data, size, accelerator.num_processes, accelerator.process_index,
                                cfg.train.seed, accelerator.device, cfg.train.grad_accum_steps)
     plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
     optimizer = build_optimizer(method, cfg.optim, plan.lr, **optimizer_kwargs(cfg.optim, accelerator.device))
@@ -90,14 +94,14 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     model, optimizer = accelerator.prepare(method, optimizer)
 
     record_run(accelerator, run_dir, cfg)
-    callbacks = [PretrainPictures(cfg, preview_images(cfg.data, cfg.model.img_size, PREVIEW_COUNT)),
-                 ExportEncoder(cfg)]
+    callbacks = [PretrainPictures(cfg, preview_images(cfg.data, size, PREVIEW_COUNT)), ExportEncoder(cfg)]
     meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size}
     trainer = Trainer(cfg.train, accelerator, model, optimizer, scheduler, data, pretrain_loss, run_dir,
                       plan.total_steps, cfg.optim.clip_grad, callbacks, meta)
     if checkpoint is not None:
         trainer.resume(checkpoint)
-    accelerator.print(f"pretraining {cfg.method} {cfg.model.name}: {plan.total_steps} steps, {plan.steps_per_epoch} "
+    accelerator.print(f"pretraining {cfg.method} {cfg.model.name} on {cfg.data.channels}-channel {size[0]}x{size[1]} "
+                      f"images: {plan.total_steps} steps, {plan.steps_per_epoch} "
                       f"per epoch, effective batch {plan.effective_batch}, lr {plan.lr:.3g}, "
                       f"{accelerator.num_processes} process(es) on {accelerator.device}, run dir {run_dir.root}")
     return trainer

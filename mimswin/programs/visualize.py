@@ -8,6 +8,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from mimswin.config import DataConfig
+from mimswin.config.sections import Size, size_pair
+from mimswin.data.build import device_step, first_usable, read_spec
 from mimswin.data.sources import ImageFolder
 from mimswin.data.transforms import eval_transform
 from mimswin.errors import DataError
@@ -17,23 +20,15 @@ from mimswin.runs.layout import VISUALIZE
 from mimswin.runs.open import find_run_config, load_pretrain_run
 
 
-def load_images(folder: str | Path, img_size: int, mean: Sequence[float], std: Sequence[float],
-                count: int) -> torch.Tensor:
-    """The first `count` readable images of a folder (sorted names), resized and center-cropped to img_size."""
+def load_images(folder: str | Path, img_size: Size, data: DataConfig, count: int) -> torch.Tensor:
+    """The first `count` usable images of a folder (sorted names), read as the run reads them (channels, layout),
+    resized and center-cropped to img_size, as model input."""
     try:
-        dataset = ImageFolder(folder, eval_transform(img_size, mean, std))
+        dataset = ImageFolder(folder, eval_transform(img_size), read_spec(data))
     except DataError as err:
         raise DataError(str(err).replace("data.path", "--images", 1)) from None
-    images: List[torch.Tensor] = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        if item is not None:
-            images.append(item[0])
-        if len(images) == count:
-            break
-    if not images:
-        raise DataError(f"--images: none of the {len(dataset)} image files under '{folder}' could be read")
-    return torch.stack(images)
+    images = first_usable(dataset, count, len(dataset), "--images")
+    return device_step(data)(images, torch.device("cpu"))
 
 
 def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Path] = None, count: int = 16,
@@ -41,11 +36,12 @@ def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Pa
     """Write reconstruction grids (original | masked | reconstruction | pasted), `per_picture` rows each."""
     run = load_pretrain_run(source)
     cfg = run.cfg
-    images = load_images(images_dir, cfg.model.img_size, cfg.data.mean, cfg.data.std, count)
+    images = load_images(images_dir, size_pair(cfg.model.img_size), cfg.data, count)
     out_dir = Path(out) if out else find_run_config(run.checkpoint).parent / VISUALIZE
     written = []
     for number, start in enumerate(range(0, images.shape[0], per_picture)):
-        picture = reconstruction_grid(run.method, images[start:start + per_picture], cfg.data.mean, cfg.data.std)
+        picture = reconstruction_grid(run.method, images[start:start + per_picture], cfg.data.mean, cfg.data.std,
+                                      cfg.vis.bands)
         path = out_dir / f"reconstruction_{number:03d}.png"
         save_png(picture, path)
         written.append(path)

@@ -31,17 +31,22 @@ def export_encoder(model: torch.nn.Module, path: Path, timm_name: str, timm_kwar
     return Path(path)
 
 
-def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
-    """(state dict, timm name, timm kwargs) of an exported encoder."""
+def export_metadata(path: str | Path) -> Dict[str, Any]:
+    """The metadata of an exported encoder, JSON values decoded (timm_kwargs, pretrained_cfg, method, step)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported encoder '{path}' does not exist")
-    weights = read_safetensors(path, "exported encoder")
     with safetensors.safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a mimswin encoder export (no '{FORMAT}' metadata)")
-    return weights, metadata["timm_name"], json.loads(metadata["timm_kwargs"])
+    return {k: v if k in ("format", "timm_name") else json.loads(v) for k, v in metadata.items()}
+
+
+def read_export(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
+    """(state dict, timm name, timm kwargs) of an exported encoder."""
+    metadata = export_metadata(path)
+    return read_safetensors(Path(path), "exported encoder"), metadata["timm_name"], metadata["timm_kwargs"]
 
 
 def load_exported_timm(path: str | Path, **overrides: Any) -> torch.nn.Module:
@@ -59,7 +64,8 @@ def load_exported_timm(path: str | Path, **overrides: Any) -> torch.nn.Module:
 
 def pretrained_cfg(timm_kwargs: Dict[str, Any], mean: Sequence[float], std: Sequence[float],
                    tag: str) -> Dict[str, Any]:
-    """The pretrained_cfg fields that describe our weights: input size, normalisation, no classifier."""
+    """The pretrained_cfg fields that describe our weights: input size [C, H, W], normalisation (per channel, in the
+    loader's units), no classifier. timm's data config and `mimswin` evaluation read them."""
     size = timm_kwargs.get("img_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
     return {"tag": tag, "input_size": [timm_kwargs.get("in_chans", 3), *size], "mean": list(mean), "std": list(std),

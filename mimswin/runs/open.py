@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import yaml
@@ -21,7 +21,7 @@ from mimswin.models.create import timm_kwargs
 from mimswin.models.factory import build_method
 from mimswin.runs.checkpoint import load_model_weights, read_state
 from mimswin.runs.discovery import latest_checkpoint, resolve_checkpoint
-from mimswin.runs.export import read_export
+from mimswin.runs.export import export_metadata, read_export
 from mimswin.runs.files import read_safetensors
 from mimswin.runs.layout import CHECKPOINTS, CONFIG, ENCODER, MODEL, STATE
 
@@ -65,12 +65,19 @@ PRETRAIN_PREFIX = "encoder.model."
 
 @dataclass
 class EncoderWeights:
-    """Encoder weights keyed like `timm.create_model(timm_name, **timm_kwargs)`, and where they came from."""
+    """Encoder weights keyed like `timm.create_model(timm_name, **timm_kwargs)`, where they came from, and the
+    normalisation they were trained with (None where the source does not record it)."""
 
     weights: Dict[str, torch.Tensor]
     timm_name: str
     timm_kwargs: Dict[str, Any]
     source: Path
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+    @property
+    def in_chans(self) -> int:
+        return self.timm_kwargs.get("in_chans", 3)
 
 
 def _from_checkpoint_dir(path: Path) -> EncoderWeights:
@@ -78,22 +85,23 @@ def _from_checkpoint_dir(path: Path) -> EncoderWeights:
     weights = read_safetensors(path / MODEL)
     if "timm_name" in meta:
         prefix = meta.get("encoder_prefix", "")
-        name, kwargs = meta["timm_name"], meta.get("timm_kwargs", {})
+        name, kwargs, pixels = meta["timm_name"], meta.get("timm_kwargs", {}), meta
     else:
         config = run_config_path(path) or path.parent.parent / CONFIG
         try:
-            model = yaml.safe_load(config.read_text())["model"]
+            run = yaml.safe_load(config.read_text())
+            model, pixels = run["model"], run.get("data", {})
             name = model["name"]
             kwargs = timm_kwargs(model["img_size"], model.get("patch_size"), model.get("drop_path_rate", 0.0),
-                                 model.get("kwargs"))
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
+                                 model.get("kwargs"), pixels.get("channels") or 3)
+        except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
             raise CheckpointError(f"checkpoint '{path}': cannot tell its architecture (no timm_name in state.json "
                                   f"and no readable model section in {config})") from None
         prefix = PRETRAIN_PREFIX
     encoder = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     if not encoder:
         raise CheckpointError(f"checkpoint '{path}' holds no encoder weights (no keys under '{prefix}')")
-    return EncoderWeights(encoder, name, kwargs, path)
+    return EncoderWeights(encoder, name, kwargs, path, pixels.get("mean"), pixels.get("std"))
 
 
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
@@ -103,7 +111,8 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
         raise CheckpointError(f"--from '{path}' does not exist")
     if path.is_file():
         weights, name, kwargs = read_export(path)
-        return EncoderWeights(weights, name, kwargs, path)
+        recorded = export_metadata(path).get("pretrained_cfg", {})
+        return EncoderWeights(weights, name, kwargs, path, recorded.get("mean"), recorded.get("std"))
     if (path / STATE).is_file():
         return _from_checkpoint_dir(path)
     if (path / ENCODER).is_file():

@@ -45,7 +45,7 @@ def main(config_file: str) -> None:
     fully_shard(model, mesh=mesh)
 
     torch.manual_seed(1)
-    images = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size)
+    images = torch.randn(4, cfg.data.channels, cfg.model.img_size, cfg.model.img_size)
     mask = model.draw_mask(4, torch.device("cpu"), torch.Generator().manual_seed(2))
     losses = {}
     for label, net in (("sharded", model), ("reference", reference)):

@@ -183,6 +183,7 @@ def hiera_config(setup: Setup) -> PretrainConfig:
                      "model.kwargs={q_pool: 2}"]
     else:
         presets, overrides = ["tiny_mae_hiera_cpu"], [f"model.img_size={setup.img_size}"]
+    overrides += ["data.channels=3", "data.mean=null", "data.std=null"]  # every row reads the same 3-channel batch
     overrides += [f"mask.ratio={HIERA_MASK_RATIO}", f"decoder.dim={setup.decoder_dim}",
                   f"decoder.depth={setup.decoder_depth}", f"decoder.heads={setup.decoder_heads}",
                   f"data.batch_size={setup.batch}"]

@@ -285,11 +285,12 @@ def measure_models(names: Sequence[str], setup: Setup, device: torch.device, pre
 
 def measure_loader(setup: Setup, device: torch.device, steps: int, warmup: int, num_workers: int) -> Row:
     """Images/s of the pretraining data path alone (embedded MNIST, MAE augmentations, batches on the device)."""
+    from mimswin.config.sections import size_pair
     from mimswin.data.build import build_pretrain_data
 
     cfg = mimswin_config(setup)
     cfg.data.num_workers = num_workers
-    data = build_pretrain_data(cfg.data, setup.img_size, 1, 0, 0, device)
+    data = build_pretrain_data(cfg.data, size_pair(setup.img_size), 1, 0, 0, device)
     batches = data.epoch(0)
     count = min(warmup + steps, data.batches_per_epoch)
     start = time.perf_counter()

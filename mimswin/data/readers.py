@@ -1,0 +1,158 @@
+"""Files -> C x H x W tensors in their own dtype and units (the pixel contract of `pixels.py`), for every source.
+
+Formats: anything PIL reads (8/16-bit gray, RGB, RGBA, palette, CMYK, 32-bit float), TIFF through `tifffile` (any
+number of bands, planar or interleaved, its own axes say which; PIL takes over for codecs tifffile lacks without
+`imagecodecs`), and `.npy` arrays (2-D, or 3-D laid out as `data.layout` says). Channels are matched to
+`data.channels` without guessing: equal counts pass, a one-channel image is repeated for three channels (RGB presets
+keep working on gray data), an alpha band beyond the wanted count is composited over white; anything else is a
+`SampleError` that sources skip and count.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image
+
+from mimswin.data.pixels import SampleError, native_tensor
+
+PIL_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
+TIFF_EXTENSIONS = {".tif", ".tiff"}
+ARRAY_EXTENSIONS = {".npy"}
+IMAGE_EXTENSIONS = PIL_EXTENSIONS | TIFF_EXTENSIONS | ARRAY_EXTENSIONS
+ALPHA_MODES = ("RGBA", "LA", "PA")
+TIFF_ALPHA = (1, 2)  # tifffile EXTRASAMPLE: ASSOCALPHA, UNASSALPHA
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    """What the run reads: `channels` per image (None: as the file has them) and the layout of 3-D `.npy` arrays
+    (`auto`: the end axis whose length is `channels` when only one is, else the axis smaller than both others)."""
+
+    channels: Optional[int] = 3
+    layout: str = "auto"
+
+
+def pil_array(image: Image.Image) -> Tuple[np.ndarray, bool]:
+    """(H x W or H x W x C array in the image's own depth, whether its last band is alpha)."""
+    mode = image.mode
+    if mode == "1":
+        image, mode = image.convert("L"), "L"
+    elif mode == "P":
+        mode = "RGBA" if "transparency" in image.info else "RGB"
+        image = image.convert(mode)
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image, mode = image.convert("RGB"), "RGB"
+    elif mode not in ("L", "LA", "RGB", "RGBA", "F") and not mode.startswith("I"):
+        image = image.convert("RGBA" if mode.endswith("A") else "RGB")
+        mode = image.mode
+    array = np.asarray(image)
+    if mode == "I":  # 32-bit integer: PIL's mode for some 16-bit files; kept when the values fit 16 bits
+        if array.min() < 0 or array.max() > 65535:
+            raise SampleError("unsupported pixels", "32-bit integer pixels beyond the 16-bit range")
+        array = array.astype(np.uint16)
+    return array, mode in ALPHA_MODES
+
+
+def array_chw(array: np.ndarray, layout: str, channels: Optional[int] = None) -> np.ndarray:
+    """A 2-D or 3-D array as C x H x W; `layout` hwc / chw, or auto: the end axis of length `channels` when only one
+    end has it, else the axis smaller than both others; an array that fits neither way is `ambiguous layout`."""
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim != 3:
+        raise SampleError("unsupported pixels", f"a {array.ndim}-D array {tuple(array.shape)} (read: 2-D or 3-D)")
+    if layout == "auto":
+        first, last = array.shape[0] == channels, array.shape[2] == channels
+        if first == last:
+            first, last = array.shape[0] < min(array.shape[1:]), array.shape[2] < min(array.shape[:2])
+        if first == last:
+            raise SampleError("ambiguous layout", f"array of shape {tuple(array.shape)}: set data.layout=hwc or chw")
+        layout = "chw" if first else "hwc"
+    return array if layout == "chw" else array.transpose(2, 0, 1)
+
+
+def read_tiff(data: bytes) -> Tuple[np.ndarray, bool]:
+    """(C x H x W array, last band is alpha) of a TIFF's first series, its axes telling planar from interleaved."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        array, axes = series.asarray(), series.axes
+        alpha = any(int(e) in TIFF_ALPHA for e in (tif.pages[0].extrasamples or ()))
+    if array.ndim == 3 and axes.endswith("S"):
+        return array.transpose(2, 0, 1), alpha
+    if array.ndim in (2, 3):
+        return (array[None] if array.ndim == 2 else array), alpha
+    raise SampleError("unsupported pixels", f"a TIFF of {array.ndim} axes ({axes}, shape {tuple(array.shape)})")
+
+
+def decode(data: bytes, ext: str, layout: str = "auto", channels: Optional[int] = None) -> Tuple[np.ndarray, bool]:
+    """(C x H x W array in the file's own dtype, last band is alpha) of a file's bytes, by extension."""
+    ext = ext.lower() if ext.startswith(".") else f".{ext.lower()}"
+    if ext in ARRAY_EXTENSIONS:
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise SampleError("unreadable image", f"not a readable .npy array ({err})") from None
+        return array_chw(array, layout, channels), False
+    if ext in TIFF_EXTENSIONS:
+        try:
+            return read_tiff(data)
+        except SampleError:
+            raise
+        except Exception as err:  # noqa: BLE001 - tifffile's many decode errors; PIL may still read the file
+            tiff_error = err
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            array, alpha = pil_array(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as err:
+        hint = f"{err}" if ext not in TIFF_EXTENSIONS else f"{tiff_error} (pip install imagecodecs for its codec)"
+        raise SampleError("unreadable image", hint) from None
+    return (array.transpose(2, 0, 1) if array.ndim == 3 else array[None]), alpha
+
+
+def over_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Colour bands C x H x W composited over white by the alpha band, in the colour's own dtype."""
+    if np.issubdtype(color.dtype, np.integer):
+        top = float(np.iinfo(color.dtype).max)
+        a = alpha.astype(np.float32) / top
+        return np.clip(np.rint(color * a + top * (1 - a)), 0, top).astype(color.dtype)
+    a = np.clip(alpha.astype(np.float32), 0.0, 1.0)
+    return (color * a + (1 - a)).astype(color.dtype)
+
+
+def match_channels(array: np.ndarray, alpha: bool, channels: Optional[int]) -> np.ndarray:
+    """The image with `channels` bands, or `SampleError`: equal counts pass; an alpha band beyond them is composited
+    over white; one channel is repeated for three."""
+    count = array.shape[0]
+    if channels is None or count == channels:
+        return array
+    if alpha and count - 1 in (channels, 1):
+        array, count = over_white(array[:-1], array[-1:]), count - 1
+    if count == 1 and channels == 3:
+        array, count = np.repeat(array, 3, axis=0), 3
+    if count != channels:
+        raise SampleError("wrong channels", f"{count} channel(s), data.channels={channels}")
+    return array
+
+
+def read_bytes(data: bytes, ext: str, spec: ReadSpec) -> torch.Tensor:
+    """A file's bytes -> C x H x W tensor in its own dtype, channels matched to `spec`; or `SampleError`."""
+    array, alpha = decode(data, ext, spec.layout, spec.channels)
+    if min(array.shape[1:]) < 1:
+        raise SampleError("unsupported pixels", f"an empty image of shape {tuple(array.shape)}")
+    return native_tensor(match_channels(array, alpha, spec.channels))
+
+
+def read_path(path: Path, spec: ReadSpec) -> torch.Tensor:
+    """`read_bytes` of a file on disk (an unreadable file is a `SampleError` too)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SampleError("unreadable image", err.strerror or str(err)) from None
+    return read_bytes(data, Path(path).suffix, spec)

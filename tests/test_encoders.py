@@ -1,0 +1,97 @@
+"""One contract for every masked encoder and method (ViT MAE, visible-only Swin MAE, SimMIM Swin, Hiera MAE), for any
+channel count and for non-square images: hidden pixels cannot change the prediction, each prediction covers its cell in
+every channel, the norm-pix loss over all channels equals a hand computation."""
+
+import pytest
+import torch
+from conftest import norm_pix_mse_by_hand
+
+from mimswin.config import PretrainConfig, load_config
+from mimswin.errors import ConfigError
+from mimswin.models import build_method
+from mimswin.models.encoder import MaskedEncoder
+
+FAMILIES = {
+    "vit_mae": ("tiny_mae_vit_cpu", ["model.kwargs={depth: 2}", "decoder.dim=32", "decoder.depth=1",
+                                     "decoder.heads=2"]),
+    "swin_mae": ("tiny_mae_swin_cpu", ["decoder.dim=32", "decoder.heads=2"]),
+    "swin_simmim": ("tiny_simmim_swin_cpu", []),
+    "hiera_mae": ("tiny_mae_hiera_cpu", ["decoder.dim=32", "decoder.depth=1", "decoder.heads=2"]),
+}
+SIZES = {"square": 32, "non_square": [32, 48]}
+
+
+def build(family: str, channels: int, size):
+    preset, overrides = FAMILIES[family]
+    size_text = size if isinstance(size, int) else f"[{size[0]},{size[1]}]"
+    pixels = [f"data.channels={channels}", f"data.mean=[{','.join(['0.5'] * channels)}]",
+              f"data.std=[{','.join(['0.25'] * channels)}]", f"model.img_size={size_text}"]
+    torch.manual_seed(0)
+    return build_method(load_config(PretrainConfig, [preset], [*overrides, *pixels])).eval()
+
+
+def cell_pixels(hidden: torch.Tensor, grid, px: int) -> torch.Tensor:
+    """[B, cells] bool over a (rows, cols) grid -> [B, 1, H, W] float, 1 on the pixels of the hidden cells."""
+    cells = hidden.view(-1, 1, *grid).float()
+    return cells.repeat_interleave(px, 2).repeat_interleave(px, 3)
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("channels", [1, 4, 13])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_pixels_cannot_change_the_prediction_in_any_channel(family, channels, size):
+    method = build(family, channels, size)
+    height, width = (size, size) if isinstance(size, int) else size
+    assert method.encoder.in_chans == channels
+    assert method.grid == (height // method.target_px, width // method.target_px)
+    images = torch.randn(2, channels, height, width)
+    mask = method.draw_mask(2, images.device, torch.Generator().manual_seed(4))
+    hidden = cell_pixels(mask.hidden, method.grid, method.target_px)
+    noise = torch.randn_like(images)
+    with torch.no_grad():
+        out = method(images, mask)
+        assert out.pred.shape == out.target.shape == (2, method.grid[0] * method.grid[1],
+                                                      method.target_px ** 2 * channels)
+        assert torch.equal(method(images + noise * hidden, mask).pred, out.pred)
+        assert not torch.allclose(method(images + noise * (1 - hidden), mask).pred, out.pred)
+        for band in range(channels):  # each channel of a visible cell reaches the model
+            one_band = torch.zeros_like(images)
+            one_band[:, band] = noise[:, band] * (1 - hidden[:, 0])
+            assert not torch.allclose(method(images + one_band, mask).pred, out.pred)
+
+
+@pytest.mark.parametrize("channels", [1, 13])
+@pytest.mark.parametrize("family", ["vit_mae", "swin_mae", "hiera_mae"])
+def test_norm_pix_loss_over_every_channel_equals_the_hand_computation(family, channels):
+    method = build(family, channels, [32, 48])
+    images = torch.randn(2, channels, 32, 48)
+    mask = method.draw_mask(2, images.device, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = method(images, mask)
+    expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, method.target_px)
+    assert count == int(mask.hidden.sum())
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_encoder_states_the_contract(family):
+    encoder = build(family, 4, [32, 48]).encoder
+    for name in ("grid", "cell_px", "in_chans", "embed_dim", "forward_masked", "no_weight_decay", "model"):
+        assert hasattr(encoder, name), name
+    assert encoder.in_chans == 4 and encoder.grid == (32 // encoder.cell_px, 48 // encoder.cell_px)
+    assert isinstance(encoder.no_weight_decay(), set)
+    assert MaskedEncoder.__doc__
+
+
+@pytest.mark.parametrize("family, size, message", [
+    ("swin_mae", "[32,40]", "window 4x4 does not divide the 8x10 token grid of stage 1"),
+    ("swin_simmim", "[32,40]", "window 4x4 does not divide the 8x10 token grid of stage 1"),
+    ("hiera_mae", "[32,44]", "the 16x22 token grid does not tile into mask units of 4x4 tokens"),
+    ("hiera_mae", "[32,41]", "32x41 px does not tile into the 8 px Hiera mask units"),
+    ("vit_mae", "[32,30]", "model.img_size"),
+    ("vit_mae", "[32]", "model.img_size"),
+])
+def test_sizes_an_encoder_cannot_tile_are_one_clear_config_error(family, size, message):
+    preset, overrides = FAMILIES[family]
+    with pytest.raises(ConfigError, match=message):
+        build_method(load_config(PretrainConfig, [preset], [*overrides, f"model.img_size={size}"]))
