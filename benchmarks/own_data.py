@@ -5,6 +5,7 @@ for the "Your own data" walkthroughs (docs/own_data.md) and the end-to-end tests
     python benchmarks/own_data.py ct /tmp/ct           # 16-bit gray CT-like slices (HU + 1024), 48 x 64, lesion or not
     python benchmarks/own_data.py s2 /tmp/s2           # 13-band float32 reflectance arrays (.npy, C x H x W), 4 covers
     python benchmarks/own_data.py tiff4 /tmp/cells     # 4-channel 16-bit TIFF (microscopy-like), 40 x 56
+    python benchmarks/own_data.py raw /tmp/s2 --channels 13 --size 32   # the raw-pixel logistic probe baseline
 
 Everything but `photos` is synthetic (numpy, seeded): shapes, value ranges and dtypes as the real data, classes a
 pretrained encoder can learn to tell apart. `photos` needs `pip install scikit-image` (its photos ship in the wheel).
@@ -141,13 +142,45 @@ def write_example(kind: str, out: Path, per_class: int = 40, seed: int = 0) -> D
     return {split: sum(1 for _ in (out / split).rglob("*.*")) for split in ("train", "val")}
 
 
+def raw_pixel_probe(root: Path, channels: int, size: Sequence[int]) -> Dict[str, float]:
+    """The baseline beside every probe: the logistic probe (the library's, L2 picked on a held-out tenth) on the
+    flattened pixels of the same center views the encoder sees, in the loader's units."""
+    import torch
+
+    from mimswin.config.evaluation import LabeledDataConfig
+    from mimswin.data.labeled import labeled_pair
+    from mimswin.data.pixels import to_float
+    from mimswin.data.transforms import eval_transform
+    from mimswin.eval.logistic import logistic_probe
+
+    view = eval_transform(tuple(size))
+    cfg = LabeledDataConfig(path=str(root), channels=channels)
+    train, val, classes = labeled_pair(cfg, view, view)
+
+    def flat(dataset) -> tuple:
+        items = [dataset[i] for i in range(len(dataset))]
+        pixels = torch.stack([to_float(image).flatten() for image, _ in items])
+        return pixels, torch.tensor([label for _, label in items])
+
+    result = logistic_probe(*flat(train), *flat(val), classes)
+    return {"top1": result["top1"], "l2": result["l2"]}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("photos", "ct", "s2", "tiff4"))
-    parser.add_argument("out", type=Path)
+    parser.add_argument("kind", choices=("photos", "ct", "s2", "tiff4", "raw"))
+    parser.add_argument("out", type=Path, help="folder to write (raw: the folder with train/ and val/ to probe)")
     parser.add_argument("--per-class", type=int, default=200, help="train images per class (val: half as many)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--channels", type=int, default=3, help="raw: channels to read")
+    parser.add_argument("--size", type=int, nargs="+", default=[32], help="raw: the encoder's image size (H [W])")
     args = parser.parse_args(argv)
+    if args.kind == "raw":
+        size = args.size * 2 if len(args.size) == 1 else args.size
+        result = raw_pixel_probe(args.out, args.channels, size)
+        print(f"raw-pixel logistic probe of {args.out} at {size[0]}x{size[1]}: val top-1 {result['top1']:.2f} "
+              f"(L2 {result['l2']:g})")
+        return
     counts = write_example(args.kind, args.out, args.per_class, args.seed)
     print(f"wrote {counts['train']} train and {counts['val']} val files under {args.out}")
 

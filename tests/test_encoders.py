@@ -95,3 +95,25 @@ def test_sizes_an_encoder_cannot_tile_are_one_clear_config_error(family, size, m
     preset, overrides = FAMILIES[family]
     with pytest.raises(ConfigError, match=message):
         build_method(load_config(PretrainConfig, [preset], [*overrides, f"model.img_size={size}"]))
+
+
+def test_pictures_show_any_channel_count_legibly_in_gray_or_false_colour():
+    from mimswin.eval.pictures import legible, reconstruction_grid
+
+    bands = build("vit_mae", 13, [32, 48])
+    images = torch.randn(2, 13, 32, 48)
+    mean, std = [0.5] * 13, [0.25] * 13
+    default = reconstruction_grid(bands, images, mean, std)
+    chosen = reconstruction_grid(bands, images, mean, std, [3, 2, 1])
+    assert default.shape == chosen.shape and default.shape[0] == 3 and not torch.equal(default, chosen)
+    assert 0 <= default.min() and default.max() <= 1
+    swapped = images.clone()
+    swapped[:, [1, 2, 3]] = images[:, [3, 2, 1]]  # bands [3, 2, 1] of `images` are bands [1, 2, 3] of `swapped`
+    two_columns = 2 + 2 * (48 * 3 + 2)  # original and masked tiles: 48 px upscaled 3x, 2 px padding
+    again = reconstruction_grid(bands, swapped, mean, std, [1, 2, 3])
+    torch.testing.assert_close(again[..., :two_columns], chosen[..., :two_columns])
+    gray = reconstruction_grid(build("hiera_mae", 1, 32), torch.randn(2, 1, 32, 32), [0.5], [0.25])
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    one_band = reconstruction_grid(bands, images, mean, std, [5])
+    assert torch.equal(one_band[0], one_band[2])
+    assert legible(torch.zeros(4, 3, 16, 600)).shape[-1] == 384 and legible(torch.zeros(4, 3, 28, 40)).shape[-2] == 112

@@ -2,7 +2,7 @@
 through `mimswin stats` -> pretrain -> export -> plain `timm.create_model(..., in_chans=C)` -> linear probe, from the
 folder and from shards; files the run cannot use are skipped and counted; statistics equal numpy's."""
 
-import re
+import shlex
 import sys
 
 import numpy as np
@@ -44,7 +44,7 @@ def pasted_config(capsys, argv):
     assert main(["stats", *argv]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1].strip()
     assert line.startswith("data.channels=")
-    return re.findall(r"\S+=(?:\[[^\]]*\]|\S+)", line)
+    return shlex.split(line)
 
 
 def test_stats_equal_numpy_over_the_same_files(tmp_path):

@@ -41,10 +41,10 @@ class ChannelStats:
         return len(self.mean)
 
     def config_line(self) -> str:
-        """The overrides to paste: channels, mean and std."""
+        """The overrides to paste into a shell command line: channels, mean and std (lists quoted, no spaces)."""
         def values(xs: List[float]) -> str:
-            return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
-        return f"data.channels={self.channels} data.mean={values(self.mean)} data.std={values(self.std)}"
+            return "[" + ",".join(f"{x:.6g}" for x in xs) + "]"
+        return f"data.channels={self.channels} 'data.mean={values(self.mean)}' 'data.std={values(self.std)}'"
 
 
 Item = Union[torch.Tensor, Skipped]
