@@ -23,6 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mimswin.config import PretrainConfig, load_config  # noqa: E402
+from mimswin.config.sections import size_pair  # noqa: E402
 from mimswin.data.build import build_pretrain_data  # noqa: E402
 from mimswin.data.shard_write import write_shards  # noqa: E402
 from mimswin.models import build_method  # noqa: E402
@@ -44,7 +45,7 @@ def write_folder(root: Path, count: int, side: int) -> None:
 
 def loader_rate(cfg: PretrainConfig, batches: int) -> float:
     """Images/s over up to `batches` batches of epoch 0, after the first batch (worker start-up excluded)."""
-    data = build_pretrain_data(cfg.data, cfg.model.img_size, 1, 0, cfg.train.seed, CPU)
+    data = build_pretrain_data(cfg.data, size_pair(cfg.model.img_size), 1, 0, cfg.train.seed, CPU)
     images, start = 0, None
     for n, (batch, _) in enumerate(data.epoch(0)):
         if n == 0:
@@ -62,7 +63,7 @@ def model_rate(cfg: PretrainConfig, steps: int) -> float:
     torch.manual_seed(0)
     method = build_method(cfg).to(device)
     optimizer = build_optimizer(method, cfg.optim, 1e-4)
-    images = torch.randn(cfg.data.batch_size, 3, cfg.model.img_size, cfg.model.img_size, device=device)
+    images = torch.randn(cfg.data.batch_size, cfg.data.channels, *size_pair(cfg.model.img_size), device=device)
     for n in range(steps + 1):
         if n == 1:
             if device.type == "cuda":
@@ -86,7 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="model steps timed")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
-    cfg = load_config(PretrainConfig, [args.config], [f"data.num_workers={args.workers}", *args.overrides])
+    rgb = ["data.channels=3", "data.mean=null", "data.std=null"]  # the synthetic images are colour JPEGs
+    cfg = load_config(PretrainConfig, [args.config], [*rgb, f"data.num_workers={args.workers}", *args.overrides])
     with tempfile.TemporaryDirectory() as tmp:
         folder, shards = Path(tmp) / "images", Path(tmp) / "shards"
         write_folder(folder, args.images, args.side)

@@ -2,8 +2,8 @@
 for the "Your own data" walkthroughs (docs/own_data.md) and the end-to-end tests.
 
     python benchmarks/own_data.py photos /tmp/photos   # RGB JPEG crops of scikit-image's bundled photos
-    python benchmarks/own_data.py ct /tmp/ct           # 16-bit gray CT-like slices (HU + 1024), 48 x 64, lesion or not
-    python benchmarks/own_data.py s2 /tmp/s2           # 13-band float32 reflectance arrays (.npy, C x H x W), 4 covers
+    python benchmarks/own_data.py ct /tmp/ct           # 16-bit gray CT-like slices (HU + 1024), 48 x 64, 3 levels
+    python benchmarks/own_data.py s2 /tmp/s2           # 13-band float32 reflectance (.npy, C x H x W), 4 land covers
     python benchmarks/own_data.py tiff4 /tmp/cells     # 4-channel 16-bit TIFF (microscopy-like), 40 x 56
     python benchmarks/own_data.py raw /tmp/s2 --channels 13 --size 32   # the raw-pixel logistic probe baseline
 
@@ -20,13 +20,14 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 
 # typical Sentinel-2 reflectance of its 13 bands (B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9, B10, B11, B12)
-S2_SPECTRA = {
+SPECTRA = {
+    "vegetation": [0.04, 0.04, 0.07, 0.05, 0.11, 0.26, 0.31, 0.34, 0.35, 0.13, 0.01, 0.19, 0.10],
+    "soil": [0.09, 0.10, 0.13, 0.16, 0.19, 0.21, 0.22, 0.24, 0.25, 0.10, 0.01, 0.32, 0.26],
+    "roof": [0.14, 0.14, 0.15, 0.16, 0.17, 0.18, 0.19, 0.20, 0.21, 0.08, 0.01, 0.24, 0.21],
     "water": [0.06, 0.05, 0.04, 0.03, 0.02, 0.02, 0.02, 0.015, 0.01, 0.005, 0.002, 0.01, 0.005],
-    "forest": [0.03, 0.03, 0.05, 0.03, 0.08, 0.22, 0.28, 0.30, 0.31, 0.12, 0.01, 0.15, 0.07],
-    "cropland": [0.05, 0.06, 0.09, 0.07, 0.15, 0.30, 0.35, 0.38, 0.40, 0.15, 0.02, 0.25, 0.14],
-    "urban": [0.12, 0.12, 0.13, 0.14, 0.16, 0.18, 0.19, 0.20, 0.21, 0.08, 0.01, 0.25, 0.22],
 }
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "retina")
+S2_CLASSES = ("forest", "cropland", "grassland", "urban")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "immunohistochemistry")
 
 
 def smooth_field(rng: np.random.Generator, height: int, width: int, waves: int = 4) -> np.ndarray:
@@ -43,33 +44,61 @@ def ellipse(height: int, width: int, cy: float, cx: float, ry: float, rx: float)
 
 
 def s2_patch(rng: np.random.Generator, cover: str, size: int = 32) -> np.ndarray:
-    """13 x size x size float32 reflectance: the cover's spectrum, smooth texture, a patch of another cover, noise."""
-    spectra = np.array(list(S2_SPECTRA.values()), np.float32)
-    own = spectra[list(S2_SPECTRA).index(cover)]
-    other = spectra[rng.integers(len(spectra))]
-    share = (smooth_field(rng, size, size) > rng.uniform(0.3, 0.6))[None]  # a minority region of some other cover
-    base = np.where(share, other[:, None, None], own[:, None, None])
-    texture = 1 + 0.2 * smooth_field(rng, size, size)[None]
-    noisy = base * texture + rng.normal(0, 0.008, (13, size, size))
+    """13 x size x size float32 reflectance of one land cover, told apart by texture more than by colour: forest is
+    vegetation in blobs of crowns, cropland stripes of vegetation and soil, grassland smooth vegetation, urban blocks
+    of roofs between vegetation; each patch has its own brightness and haze, a share of water or soil, and noise."""
+    spectra = {name: np.array(values, np.float32)[:, None, None] for name, values in SPECTRA.items()}
+    rows, cols = np.mgrid[0:size, 0:size]
+    if cover == "forest":
+        crowns = smooth_field(rng, size, size, waves=12) + 0.5 * np.cos(rows * rng.uniform(1.2, 1.8)) * np.cos(
+            cols * rng.uniform(1.2, 1.8))
+        base = spectra["vegetation"] * (0.75 + 0.25 * crowns)
+    elif cover == "cropland":
+        angle, period = rng.uniform(0, np.pi), rng.uniform(5, 9)
+        stripes = (np.cos(2 * np.pi * (np.cos(angle) * rows + np.sin(angle) * cols) / period) > 0)
+        base = np.where(stripes, spectra["vegetation"], spectra["soil"])
+    elif cover == "grassland":
+        base = spectra["vegetation"] * (0.9 + 0.1 * smooth_field(rng, size, size)) * 0.9 + 0.1 * spectra["soil"]
+    else:
+        block = int(rng.integers(4, 8))
+        dy, dx = rng.integers(0, block, 2)
+        roofs = ((rows + dy) // block + (cols + dx) // block) % 2 == 0
+        base = np.where(roofs, spectra["roof"], 0.6 * spectra["vegetation"] + 0.4 * spectra["soil"])
+    other = spectra["water" if rng.random() < 0.5 else "soil"]
+    share = (smooth_field(rng, size, size) > rng.uniform(0.35, 0.7))[None]
+    scene = np.where(share, other, base) * rng.uniform(0.7, 1.3)
+    haze = rng.uniform(0, 0.03) * np.linspace(1, 0, 13, dtype=np.float32)[:, None, None]
+    noisy = scene + haze + rng.normal(0, 0.01, (13, size, size))
     return np.clip(noisy, 0, 1).astype(np.float32)
 
 
-def ct_slice(rng: np.random.Generator, lesion: bool, height: int = 48, width: int = 64) -> np.ndarray:
-    """A CT-like slice, stored as HU + 1024 in uint16 (12 bits used): air, a body of soft tissue with fat and an organ,
-    a bone ring, noise; with `lesion`, a small hyperdense spot inside the organ."""
+def ct_slice(rng: np.random.Generator, level: str, height: int = 48, width: int = 64) -> np.ndarray:
+    """An axial CT-like slice at one of three body levels, stored as HU + 1024 in uint16 (12 bits used): head (skull
+    ring, brain), chest (two air-filled lungs, heart, spine), abdomen (liver, kidneys, spine, fat); sizes, positions
+    and tissue values vary, with scanner-like noise."""
     hu = np.full((height, width), -1000.0)
     cy, cx = height / 2 + rng.uniform(-2, 2), width / 2 + rng.uniform(-3, 3)
-    body = ellipse(height, width, cy, cx, height * rng.uniform(0.38, 0.45), width * rng.uniform(0.38, 0.45))
-    hu[body] = -90.0
-    inner = ellipse(height, width, cy, cx, height * 0.33, width * 0.34)
-    hu[inner] = 40.0
-    oy, ox = cy + rng.uniform(-4, 4), cx + rng.uniform(-8, 8)
-    organ = ellipse(height, width, oy, ox, rng.uniform(7, 10), rng.uniform(9, 13))
-    hu[organ & inner] = 60.0
-    hu[inner & ~ellipse(height, width, cy, cx, height * 0.29, width * 0.30)] = 700.0
-    if lesion:
-        hu[ellipse(height, width, oy + rng.uniform(-3, 3), ox + rng.uniform(-4, 4), rng.uniform(2, 3.5),
-                   rng.uniform(2, 3.5)) & organ] = 220.0
+    scale = rng.uniform(0.85, 1.0)
+
+    def blob(dy: float, dx: float, ry: float, rx: float) -> np.ndarray:
+        return ellipse(height, width, cy + dy * scale, cx + dx * scale, ry * scale, rx * scale)
+
+    if level == "head":
+        hu[blob(0, 0, 19, 17)] = 900.0 + rng.normal(0, 60)
+        hu[blob(0, 0, 16.5, 14.5)] = 32.0 + rng.normal(0, 4)
+        hu[blob(rng.uniform(-3, 3), 0, 3, 1.5)] = 8.0  # ventricle
+    else:
+        hu[blob(0, 0, 20, 29)] = -100.0 + rng.normal(0, 15)  # subcutaneous fat
+        hu[blob(0, 0, 18, 26)] = 45.0 + rng.normal(0, 5)
+        hu[blob(12, 0, 3.5, 3.5)] = 700.0 + rng.normal(0, 50)  # spine
+        if level == "chest":
+            for side in (-1, 1):
+                hu[blob(-1, side * 12, 12, 8.5)] = -830.0 + rng.normal(0, 30)
+            hu[blob(1, rng.uniform(-4, 1), 7, 7)] = 40.0  # heart
+        else:
+            hu[blob(-2, -9, 10, 11)] = 60.0 + rng.normal(0, 6)  # liver
+            for side in (-1, 1):
+                hu[blob(6, side * 8, 3.5, 2.5)] = 30.0
     hu += rng.normal(0, 12, hu.shape)
     return np.clip(hu + 1024, 0, 4095).astype(np.uint16)
 
@@ -121,7 +150,7 @@ def write_example(kind: str, out: Path, per_class: int = 40, seed: int = 0) -> D
         except ImportError:
             raise SystemExit("the photos example needs scikit-image: pip install scikit-image") from None
         sources = {name: getattr(photos, name)() for name in PHOTOS}
-    classes: Dict[str, Sequence[str]] = {"s2": list(S2_SPECTRA), "ct": ["normal", "lesion"],
+    classes: Dict[str, Sequence[str]] = {"s2": list(S2_CLASSES), "ct": ["head", "chest", "abdomen"],
                                          "tiff4": ["resting", "dividing"], "photos": list(PHOTOS)}
 
     for split, count in (("train", per_class), ("val", max(1, per_class // 2))):
@@ -132,7 +161,7 @@ def write_example(kind: str, out: Path, per_class: int = 40, seed: int = 0) -> D
             if kind == "s2":
                 np.save(path.with_suffix(".npy"), s2_patch(rng, name))
             elif kind == "ct":
-                Image.fromarray(ct_slice(rng, name == "lesion")).save(path.with_suffix(".png"))
+                Image.fromarray(ct_slice(rng, name)).save(path.with_suffix(".png"))
             elif kind == "tiff4":
                 tifffile.imwrite(path.with_suffix(".tif"), cells_tiff(rng, name == "dividing"))
             else:

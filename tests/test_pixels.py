@@ -144,6 +144,8 @@ def test_values_survive_reading_exactly():
     assert np.array_equal(read_bytes(npy_bytes(bands.transpose(1, 2, 0)), "npy", ReadSpec(13)).numpy(), bands)
     counts = np.random.default_rng(1).integers(0, 65536, (6, 9), dtype=np.uint16)
     assert np.array_equal(read_bytes(png_bytes(counts), "png", ReadSpec(1)).numpy()[0], counts)
+    big_endian = bands.astype(">f8")
+    assert np.array_equal(read_bytes(npy_bytes(big_endian), "npy", ReadSpec(13)).numpy(), bands)
     translucent = np.zeros((2, 2, 4), np.uint8)
     translucent[..., 0], translucent[..., 3] = 200, 128
     over_white = read_bytes(png_bytes(translucent), "png", ReadSpec(3))

@@ -48,14 +48,15 @@ class Skipped(NamedTuple):
 def native_tensor(array: np.ndarray) -> torch.Tensor:
     """A C x H x W array -> a tensor of one of the native dtypes: bool -> uint8 (0/1 as 0/255), float16/float64 ->
     float32; float samples holding NaN or Inf and other dtypes (int32, complex, ...) raise `SampleError`."""
+    array = array.astype(array.dtype.newbyteorder("="), copy=False)  # big-endian files (16-bit PNG, FITS-like arrays)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype in WIDENED:
         array = array.astype(WIDENED[array.dtype])
-    dtype = NATIVE.get(array.dtype.newbyteorder("="))
+    dtype = NATIVE.get(array.dtype)
     if dtype is None:
         raise SampleError("unsupported pixels", f"pixel type {array.dtype} (read: uint8, uint16, int16, float)")
-    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # e.g. np.asarray of a PIL image: torch tensors must own writable memory
         array = array.copy()
     if dtype == torch.float32 and not np.isfinite(array).all():
