@@ -20,9 +20,8 @@ from mimswin.programs import finetune, linprobe
 from mimswin.runs.export import read_export
 from mimswin.runs.open import read_encoder_weights
 
-C = preset_channels()  # channels the tiny presets read
-
 PRESET = "tiny_mae_hiera_cpu"
+C = preset_channels(PRESET)  # channels the tiny Hiera preset reads
 SMALL = ["decoder.dim=32", "decoder.depth=1", "decoder.heads=2"]
 # The tiny preset pools once (MAE's q_pool one short of the stages, 4 px predictions, 2x2 tokens per unit at the end);
 # FULL_POOL pools at every stage step (one final token per unit, 8 px predictions).
