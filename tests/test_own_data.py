@@ -111,8 +111,9 @@ def test_the_same_files_train_from_shards(example, capsys, tmp_path):
 
 def test_unusable_files_are_skipped_counted_and_named(tmp_path, capsys, caplog):
     own_data.write_example("s2", tmp_path, per_class=4)
-    train = tmp_path / "train" / "water"
-    broken = np.load(train / "water_0000.npy")
+    first = own_data.S2_CLASSES[0]
+    train = tmp_path / "train" / first
+    broken = np.load(train / f"{first}_0000.npy")
     broken[3, 5, 5] = np.nan
     np.save(train / "nan.npy", broken)
     np.save(train / "eight_bands.npy", broken[:8])
