@@ -1,5 +1,6 @@
-"""Quality benchmark: pretrain, then probe, k-NN and fine-tune at 100 / 10 / 1 % labels, against random init and raw
-pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accuracy against pretraining epochs.
+"""Quality benchmark: pretrain, then probe, k-NN, attentive probe and fine-tune at 100 / 10 / 1 % labels, against
+random init and raw pixels, on the embedded data; one Markdown table, a JSON file and a PNG of accuracy against
+pretraining epochs.
 
     python benchmarks/quality.py --budget quick      # the README path (tiny MAE ViT) and its baselines
     python benchmarks/quality.py --budget full       # + MAE Swin, SimMIM Swin, MAE Hiera; all label fractions
@@ -19,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -27,16 +28,22 @@ import torch
 import yaml
 
 from mimswin.config import PretrainConfig, load_config
+from mimswin.config.evaluation import AttentiveConfig
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import labeled_subset
+from mimswin.eval.attentive import attentive_probe
 from mimswin.eval.knn import knn_accuracy
 from mimswin.eval.logistic import logistic_probe
+from mimswin.models.patches import patchify
+from mimswin.models.pos_embed import sincos_2d
 from mimswin.programs import finetune, linprobe, pretrain
 
 CLASSES = 10
 TRAIN_PER_CLASS = 400  # the embedded train split: 4000 images, 400 of each digit
 KNN_K, KNN_T = 20, 0.07
-TIME_KEYS = ("seconds", "finetune_s")  # a cell's wall times (probe + k-NN, fine-tune), beside its accuracies
+PIXEL_PATCH = 4  # the tiny ViT's patch
+PIXEL_HEADS = 8  # the attentive probe's heads over 32-wide pixel tokens (its default 12 does not divide 32)
+TIME_KEYS = ("seconds", "attentive_s", "finetune_s")  # a cell's wall times (probe + k-NN, attentive, fine-tune)
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Budget:
     pretrain: List[str] = field(default_factory=list)
     finetune: List[str] = field(default_factory=list)
     linprobe: List[str] = field(default_factory=list)
+    attentive: List[str] = field(default_factory=list)
     low_label_steps: int = 150
     toy: bool = False
     seeds: int = 1
@@ -79,7 +87,8 @@ class Budget:
 
 BUDGETS = {
     "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1, ["train.max_steps=4", "train.epochs=1"],
-                    ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"], 2, toy=True),
+                    ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"],
+                    ["attentive.epochs=1", "attentive.seeds=[0]", "attentive.heads=4"], 2, toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
     "long": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 8, ["train.epochs=40"]),
@@ -157,14 +166,23 @@ class Bench:
         self.results["rows"].setdefault(key, {})["pretrain_s"] = trainer_run["seconds"]
         return run
 
-    def probe(self, key: str, source: Path, fraction: float, random: bool = False, seed: int = 0) -> Dict[str, Any]:
+    def probe(self, key: str, source: Path, fraction: float, random: bool = False, seed: int = 0,
+              attentive: bool = True) -> Dict[str, Any]:
+        """The logistic probe and k-NN, and (with `attentive`) the attentive probe, of one encoder."""
         tag = f"{key}/probe_{fraction_label(fraction)}{'_random' if random else ''}{seed_tag(seed)}"
         argv = ["--config", "tiny_linprobe_cpu", "--from", str(source), f"train.output_dir={self.out / tag}",
                 *subset_overrides(fraction), *seed_overrides(seed), *(["random_init=true"] if random else []),
                 *self.budget.linprobe]
         run = self.call(tag, linprobe, "linprobe", argv)
-        return {"probe": run["result"]["last"]["val_top1"], "knn": run["result"].get("knn_top1"),
+        cell = {"probe": run["result"]["last"]["val_top1"], "knn": run["result"].get("knn_top1"),
                 "seconds": run["seconds"]}
+        if not attentive:
+            return cell
+        attentive_run = self.call(f"{tag}_attentive", linprobe, "linprobe",
+                              [*argv, f"train.output_dir={self.out / tag}_attentive", "mode=attentive",
+                               *self.budget.attentive])
+        return {**cell, "attentive": attentive_run["result"]["last"]["val_top1"],
+                "attentive_s": attentive_run["seconds"]}
 
     def finetune(self, key: str, source: Path, fraction: float, random: bool = False,
                  preset: str = "tiny_finetune_cpu", seed: int = 0) -> Dict[str, Any]:
@@ -201,7 +219,7 @@ class Bench:
         steps = max(int(c.name.split("_")[1]) for c in checkpoints)
         for checkpoint in checkpoints:
             step = int(checkpoint.name.split("_")[1])
-            evaluation = self.probe(f"{key}/curve_{step}", checkpoint, self.budget.fractions[0])
+            evaluation = self.probe(f"{key}/curve_{step}", checkpoint, self.budget.fractions[0], attentive=False)
             points.append({"epoch": config["train"]["epochs"] * step / steps, "step": step, **evaluation})
         return points
 
@@ -215,13 +233,15 @@ class Bench:
                 start = time.perf_counter()
                 probe = logistic_probe(train_x[keep], train_y[keep], val_x, val_y, CLASSES)
                 knn = knn_accuracy(train_x[keep], train_y[keep], val_x, val_y, CLASSES, KNN_K, KNN_T)
-                runs.append({"probe": probe["top1"], "knn": knn["top1"], "seconds": time.perf_counter() - start})
+                attentive = raw_pixel_attentive(train_x[keep], train_y[keep], val_x, val_y, self.budget.toy)
+                runs.append({"probe": probe["top1"], "knn": knn["top1"], "attentive": attentive,
+                             "seconds": time.perf_counter() - start})
             row[fraction_label(fraction)] = mean_over_seeds(runs)
         return row
 
     def run(self, methods: Sequence[str]) -> Dict[str, Any]:
         start = time.perf_counter()
-        self.results["rows"]["raw_pixels"] = {"name": "raw pixels (logistic, k-NN)", **self.raw_pixels()}
+        self.results["rows"]["raw_pixels"] = {"name": "raw pixels (logistic, k-NN, attentive)", **self.raw_pixels()}
         random_done = set()
         for key in methods:
             method = METHODS[key]
@@ -250,6 +270,25 @@ class Bench:
         return [f"train.save_every={every}", f"train.keep_every={every}"]
 
 
+def pixel_tokens(flat: torch.Tensor, patch: int = PIXEL_PATCH) -> torch.Tensor:
+    """Raw-pixel tokens for the attentive probe: each 4x4 patch of the 28x28 digits (16 values), its 2-D sin-cos
+    position beside it (16 more: a patch's place is in its token, as an encoder writes it): [N, 49, 32]."""
+    images = flat.reshape(len(flat), 1, 28, 28)
+    patches = patchify(images, patch)
+    grid = (28 // patch, 28 // patch)
+    return torch.cat([patches, sincos_2d(patches.shape[-1], grid).expand(len(patches), -1, -1)], dim=-1)
+
+
+def raw_pixel_attentive(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                        toy: bool = False) -> float:
+    """Val top-1 of the attentive probe (the linprobe default hyperparameters, heads PIXEL_HEADS) on pixel tokens."""
+    hyper = {**asdict(AttentiveConfig()), "heads": PIXEL_HEADS, **({"epochs": 1, "seeds": [0]} if toy else {})}
+    seeds = hyper.pop("seeds")
+    hyper.pop("blocks")
+    return attentive_probe(pixel_tokens(train_x), train_y, pixel_tokens(val_x), val_y, CLASSES, seeds,
+                           **hyper)["top1"]
+
+
 def raw_pixel_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The embedded train and val images as flat vectors in [0, 1] (one gray channel), with their labels."""
     train, val = EmbeddedMNIST("train"), EmbeddedMNIST("val")
@@ -260,8 +299,8 @@ def raw_pixel_features() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     return flat(train), torch.as_tensor(train.labels), flat(val), torch.as_tensor(val.labels)
 
 
-COLUMNS = ("probe", "knn", "finetune")
-COLUMN_NAMES = {"probe": "linear probe", "knn": "k-NN", "finetune": "fine-tune"}
+COLUMNS = ("probe", "knn", "attentive", "finetune")
+COLUMN_NAMES = {"probe": "linear probe", "knn": "k-NN", "attentive": "attentive probe", "finetune": "fine-tune"}
 
 
 def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:

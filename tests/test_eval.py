@@ -233,6 +233,31 @@ def test_probe_pools_a_vit_class_token_and_averages_a_swin_which_has_none(pretra
     assert code == 2 and "'model.global_pool'" in err and "has none" in err and "\n" not in err, err
 
 
+def test_attentive_probe_reads_vit_and_swin_tokens_and_reports_each_seed(pretrained, swin_export, colours, tmp_path):
+    for name, source in (("vit", pretrained), ("swin", swin_export)):
+        results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(source), f"data.path={colours}",
+                                 f"train.output_dir={tmp_path / name}", "mode=attentive", "attentive.epochs=15",
+                                 "attentive.seeds=[0,1]", "attentive.batch_size=16", "attentive.heads=4", *FAST])
+        assert results["mode"] == "attentive" and len(results["seed_top1"]) == 2, results
+        assert results["last"]["val_top1"] == pytest.approx(sum(results["seed_top1"]) / 2)
+        assert results["last"]["val_top1"] >= 90.0 and "knn_top1" not in results
+        assert read_metrics(tmp_path / name / "metrics.jsonl")[0]["val_top1"] == results["last"]["val_top1"]
+
+
+def test_per_layer_readout_matches_the_probe_of_each_block_for_the_encoder_and_its_random_init(pretrained, colours,
+                                                                                             tmp_path):
+    common = ["--config", "tiny_linprobe_cpu", "--from", str(pretrained), f"data.path={colours}", "knn.k=5", *FAST]
+    results = linprobe.main([*common, "mode=layers", f"train.output_dir={tmp_path / 'layers'}"])
+    layers = results["layers"]
+    assert list(layers) == ["pretrained", "random init"] and [r["block"] for r in layers["pretrained"]] == [1, 2]
+    assert (tmp_path / "layers/layers.png").stat().st_size > 0 and results["curve"].endswith("layers.png")
+    assert len(read_metrics(tmp_path / "layers/metrics.jsonl")) == 2
+    for label, extra in (("pretrained", []), ("random init", ["random_init=true"])):
+        last = linprobe.main([*common, "features.blocks=1", *extra, f"train.output_dir={tmp_path / label}"])
+        assert layers[label][-1]["probe"] == last["last"]["val_top1"], label
+        assert layers[label][-1]["knn"] == last["knn_top1"], label
+
+
 @pytest.fixture(scope="module")
 def colour_shards(colours, tmp_path_factory):
     """The colour folder written as labeled shards: train-*.tar (4 shards) and val-*.tar, with classes.json."""

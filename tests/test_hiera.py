@@ -11,7 +11,7 @@ from mimswin.config import PretrainConfig, load_config
 from mimswin.config.evaluation import LinprobeConfig
 from mimswin.errors import ConfigError
 from mimswin.eval.features import probe_encoder
-from mimswin.eval.pooling import ProbeFeatures
+from mimswin.eval.pooling import ProbeFeatures, ProbeTokens
 from mimswin.models import build_method
 from mimswin.models.create import timm_kwargs
 from mimswin.models.hiera_mae import HieraMAEDecoder
@@ -234,7 +234,7 @@ def test_full_size_preset_builds_and_its_encoder_is_the_plain_timm_hiera_base():
     assert built.encoder.model.state_dict().keys() == {k for k in plain.state_dict() if not k.startswith("head.fc.")}
 
 
-def test_probe_features_are_stage_averages_with_the_head_norm_on_the_last():
+def test_probe_features_are_stage_averages_and_tokens_the_last_stage_with_the_head_norm():
     model = timm.create_model("hiera_tiny_224", num_classes=0,
                               **load_config(PretrainConfig, [PRESET], []).model.kwargs, img_size=32).eval()
     features = ProbeFeatures(model, "avg", blocks=4)
@@ -245,6 +245,9 @@ def test_probe_features_are_stage_averages_with_the_head_norm_on_the_last():
         torch.testing.assert_close(features(images), torch.cat(expected, 1))
         torch.testing.assert_close(expected[0], model.forward_head(model.forward_features(images), pre_logits=True))
     assert features.blocks == 3 and features.num_features == 32 + 64 + 128
+    with torch.no_grad():  # the attentive probe's tokens: the last stage's cells through the head's norm
+        tokens = ProbeTokens(model, 1)(images)
+        torch.testing.assert_close(tokens, model.head.norm(maps[-1].flatten(2).transpose(1, 2)))
 
 
 def test_finetune_and_linprobe_run_on_the_exported_hiera_from_its_pretrained_weights(mae_run, tmp_path):

@@ -129,6 +129,15 @@ def test_folded_probe_equals_standardize_then_linear():
     assert isinstance(scale, Standardize)
 
 
+def test_pixel_tokens_are_the_4x4_patches_with_their_positions_beside_them():
+    train_x = quality.raw_pixel_features()[0][:3]
+    tokens = quality.pixel_tokens(train_x)
+    assert tokens.shape == (3, 49, 32)
+    images = train_x.reshape(3, 28, 28)
+    torch.testing.assert_close(tokens[1, 7 + 2, :16], images[1, 4:8, 8:12].reshape(16))  # row 1, column 2
+    assert torch.equal(tokens[0, :, 16:], tokens[2, :, 16:]) and len(set(map(tuple, tokens[0, :, 16:].tolist()))) == 49
+
+
 def test_raw_pixel_baseline_reads_the_embedded_pixels_and_its_knn_is_brute_force():
     train_x, train_y, val_x, val_y = quality.raw_pixel_features()
     images = EmbeddedMNIST("train").images
@@ -231,7 +240,7 @@ def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
     results = json.loads((out / "quality.json").read_text())
     assert set(results["rows"]) == {"raw_pixels", "mae_vit", "random_vit", "mae_swin", "random_swin"}
     for key in ("mae_vit", "random_vit", "mae_swin", "random_swin"):
-        for column in ("probe", "knn", "finetune"):
+        for column in ("probe", "knn", "attentive", "finetune"):
             assert 0 <= results["rows"][key]["10%"][column] <= 100
         assert 0 <= results["rows"][key]["1%"]["probe"] <= 100 and "finetune" not in results["rows"][key]["1%"]
     assert results["rows"]["raw_pixels"]["10%"]["probe"] > 70
@@ -241,6 +250,9 @@ def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
     assert "data.label_seed=1" in seeded and "train.seed=1" in seeded
     assert "label_seed" not in results["commands"]["mae_vit/finetune_10%"]
     assert results["curves"]["mae_vit"] and "launch/linprobe.py" in results["commands"]["mae_vit/probe_10%"]
+    assert "mode=attentive" in results["commands"]["mae_vit/probe_10%_attentive"]
+    assert 0 <= results["rows"]["raw_pixels"]["10%"]["attentive"] <= 100
     table = (out / "quality.md").read_text()
     assert "| MAE ViT |" in table and "raw pixels" in table and " ± " in table and table in done.stdout
+    assert "attentive probe 10%" in table
     assert (out / "quality_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

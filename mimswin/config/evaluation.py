@@ -10,7 +10,7 @@ from mimswin.errors import ConfigError
 
 FEATURES = ("cls", "avg", "cls+avg")
 POOLS = ("avg", "token")
-PROBE_MODES = ("logistic", "mae", "cached")
+PROBE_MODES = ("logistic", "mae", "cached", "attentive", "layers")
 HEAD_INITS = ("random", "probe")
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 
@@ -68,6 +68,24 @@ class LogisticConfig:
     penalties: List[float] = field(default_factory=lambda: list(L2_GRID))
     holdout: float = 0.1
     max_iter: int = 300
+
+
+@dataclass
+class AttentiveConfig:
+    """`mode: attentive`: `queries` learned queries over `heads` heads attend to the tokens of the last `blocks`
+    blocks (ViT; a Swin or Hiera: its last stage), their outputs concatenated, then LayerNorm + Linear; AdamW (`lr`,
+    `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches of `batch_size`, `token_drop` of each
+    sample's tokens left out in training; one pooler per seed in `seeds`, the mean reported."""
+
+    queries: int = 8
+    heads: int = 12
+    blocks: int = 1
+    lr: float = 2.0e-2
+    weight_decay: float = 0.05
+    epochs: int = 30
+    batch_size: int = 256
+    token_drop: float = 0.25
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
 
 
 def check_subset_size(fraction: Optional[float], per_class: Optional[int]) -> None:
@@ -164,6 +182,7 @@ class LinprobeConfig:
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(global_pool=None))
     features: FeatureConfig = field(default_factory=FeatureConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
+    attentive: AttentiveConfig = field(default_factory=AttentiveConfig)
     data: LabeledDataConfig = field(default_factory=lambda: LabeledDataConfig(crop_scale=[0.08, 1.0]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         blr=0.1, weight_decay=0.0, warmup_epochs=10.0))
@@ -184,3 +203,11 @@ class LinprobeConfig:
         check(len(self.logistic.penalties) > 0 and min(self.logistic.penalties) >= 0, "logistic.penalties",
               f"needs one or more strengths >= 0, got {self.logistic.penalties}")
         check(0 <= self.logistic.holdout < 1, "logistic.holdout", f"must be in [0, 1), got {self.logistic.holdout}")
+        a = self.attentive
+        for key, value in (("queries", a.queries), ("heads", a.heads), ("blocks", a.blocks), ("epochs", a.epochs),
+                           ("batch_size", a.batch_size)):
+            check(value >= 1, f"attentive.{key}", f"must be >= 1, got {value}")
+        check(a.lr > 0 and a.weight_decay >= 0, "attentive.lr", f"lr must be > 0 and weight_decay >= 0, got "
+              f"{a.lr} / {a.weight_decay}")
+        check(len(a.seeds) > 0, "attentive.seeds", "needs one or more seeds")
+        check(0 <= a.token_drop < 1, "attentive.token_drop", f"must be in [0, 1), got {a.token_drop}")

@@ -18,7 +18,7 @@ from mimswin.data.labeled import LabeledData, labeled_pair, rank_loader
 from mimswin.data.pixels import DeviceStep
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.eval.classifier import LoadReport, build_classifier, describe_load, encoder_source, input_size
-from mimswin.eval.pooling import ProbeFeatures
+from mimswin.eval.pooling import ProbeFeatures, ProbeTokens, depth_of
 from mimswin.runs.layout import RunDir
 from mimswin.runs.open import EncoderWeights
 from mimswin.train.setup import record_run, start_run
@@ -27,11 +27,15 @@ if TYPE_CHECKING:
     from mimswin.config.evaluation import LinprobeConfig
 
 
+TOKEN_DTYPE = torch.float16  # cached tokens: half the memory of float32; a probe reads each batch as float32
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int,
-                     num_workers: int, step: DeviceStep, progress: bool = False, desc: str = "features"
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] float32, labels [N]) of every sample on every rank, in dataset order (unreadable ones skipped).
+                     num_workers: int, step: DeviceStep, progress: bool = False, desc: str = "features",
+                     dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, ...] in `dtype`, labels [N]) of every sample on every rank, in dataset order (unreadable ones
+    skipped): pooled features [N, D], or tokens [N, T, D] from `ProbeTokens`.
 
     Each rank encodes its share (indices rank, rank + world, ...); the shares are padded, gathered and interleaved back.
     """
@@ -43,7 +47,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelera
     show = progress and accelerator.is_main_process
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True):
         with accelerator.autocast():
-            feats.append(encoder(images).float())
+            feats.append(encoder(images).to(dtype))
         labels.append(targets)
     encoder.train(was_training)
     if not feats:
@@ -56,7 +60,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, accelerator: Accelera
     padded_f = accelerator.pad_across_processes(local_f, dim=0)
     padded_y = accelerator.pad_across_processes(local_y, dim=0, pad_index=-1)
     width = padded_f.shape[0]
-    all_f = accelerator.gather(padded_f).reshape(len(counts), width, -1).transpose(0, 1)
+    all_f = accelerator.gather(padded_f).reshape(len(counts), width, *padded_f.shape[1:]).transpose(0, 1)
     all_y = accelerator.gather(padded_y).reshape(len(counts), width).transpose(0, 1)
     valid = torch.arange(width, device=all_y.device)[:, None] < torch.tensor(counts, device=all_y.device)[None, :]
     return all_f[valid].cpu(), all_y[valid].cpu()
@@ -71,16 +75,21 @@ def feature_pool(cfg: "LinprobeConfig", has_token: bool) -> str:
     return "cls+avg" if has_token else "avg"
 
 
-def probe_encoder(source: EncoderWeights, cfg: "LinprobeConfig") -> Tuple[ProbeFeatures, Dict[str, Any], str,
-                                                                           LoadReport]:
+def probe_encoder(source: EncoderWeights, cfg: "LinprobeConfig"
+                  ) -> Tuple[ProbeFeatures | ProbeTokens, Dict[str, Any], str, LoadReport]:
     """The frozen feature reader of a probe or k-NN run: the plain timm model of the checkpoint (class-token pooling
-    where it has one, so the pretrained final norm is kept) wrapped to pool as `features` asks.
+    where it has one, so the pretrained final norm is kept) wrapped to pool as `features` asks, or to give its tokens
+    (`mode: attentive`); `mode: layers` pools every block.
     Returns (features module, timm kwargs, timm name, load report)."""
     has_token = "cls_token" in source.weights
     pool = cfg.model.global_pool or ("token" if has_token else "avg")
     model, kwargs, name, report = build_classifier(source, replace(cfg.model, global_pool=pool), 0,
                                                    pretrained=not cfg.random_init)
-    features = ProbeFeatures(model, feature_pool(cfg, has_token), cfg.features.blocks)
+    if cfg.mode == "attentive":
+        features: ProbeFeatures | ProbeTokens = ProbeTokens(model, cfg.attentive.blocks)
+    else:  # `mode: layers` reads every block
+        blocks = depth_of(model) if cfg.mode == "layers" else cfg.features.blocks
+        features = ProbeFeatures(model, feature_pool(cfg, has_token), blocks)
     return features.requires_grad_(False).eval(), kwargs, name, report
 
 
@@ -94,7 +103,7 @@ class FrozenRun:
     train_set: LabeledData
     val_set: LabeledData
     num_classes: int
-    encoder: ProbeFeatures
+    encoder: ProbeFeatures | ProbeTokens
     timm_name: str
     timm_kwargs: Dict[str, Any]
     plain: Callable
@@ -121,9 +130,10 @@ def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None, augment
 
 def encode_splits(run: FrozenRun, cfg: "LinprobeConfig", train_set: Optional[LabeledData] = None
                   ) -> Dict[str, torch.Tensor]:
-    """Cached features and labels of both splits (every rank holds all of them)."""
+    """Cached features (tokens in float16) and labels of both splits (every rank holds all of them)."""
     args = dict(batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, step=run.step,
-                progress=cfg.train.progress)
+                progress=cfg.train.progress,
+                dtype=TOKEN_DTYPE if isinstance(run.encoder, ProbeTokens) else torch.float32)
     train_f, train_y = extract_features(run.encoder, train_set if train_set is not None else run.train_set,
                                         run.accelerator, desc="train features", **args)
     val_f, val_y = extract_features(run.encoder, run.val_set, run.accelerator, desc="val features", **args)

@@ -1,11 +1,13 @@
 """What a probe reads from a frozen timm encoder: the class token, the mean of the patch tokens, or both, from each of
-the last `blocks` blocks (ViT) or stages (Swin and other pyramids), concatenated as DINO's linear probe does."""
+the last `blocks` blocks (ViT) or stages (Swin and other pyramids), concatenated as DINO's linear probe does; or, for
+the attentive probe, the tokens themselves."""
 
 from __future__ import annotations
 
 from typing import List
 
 import torch
+from einops import rearrange
 from timm.models.hiera import Hiera
 from torch import nn
 
@@ -20,6 +22,11 @@ def has_class_token(model: nn.Module) -> bool:
 def is_token_encoder(model: nn.Module) -> bool:
     """A plain ViT-like timm model: a sequence of blocks over (prefix + patch) tokens."""
     return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+
+
+def depth_of(model: nn.Module) -> int:
+    """Blocks a probe can read: a ViT's transformer blocks, a pyramid's stages."""
+    return len(model.blocks) if is_token_encoder(model) else len(model.feature_info)
 
 
 class ProbeFeatures(nn.Module):
@@ -39,13 +46,14 @@ class ProbeFeatures(nn.Module):
                               f"{type(model).__name__} has none; use avg")
         if blocks < 1:
             raise ConfigError(f"config key 'features.blocks': must be >= 1, got {blocks}")
-        blocks = min(blocks, len(model.blocks) if is_token_encoder(model) else len(model.feature_info))
+        blocks = min(blocks, depth_of(model))
         self.model, self.features, self.blocks = model, features, blocks
         if is_token_encoder(model):
             widths = [model.embed_dim] * blocks
         else:
             widths = [info["num_chs"] for info in model.feature_info[-blocks:]]
-        self.num_features = sum(widths) * (2 if features == "cls+avg" else 1)
+        self.widths = [w * (2 if features == "cls+avg" else 1) for w in reversed(widths)]  # per block, last first
+        self.num_features = sum(self.widths)
 
     def pooled(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Per block (last first): [B, D] pooled features."""
@@ -53,6 +61,44 @@ class ProbeFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.pooled(x), dim=1)
+
+
+class ProbeTokens(nn.Module):
+    """Frozen tokens [B, N, D] of a timm model for the attentive probe: a ViT's class and patch tokens, a pyramid's
+    cells of its last stage maps; from the last `blocks` blocks (or stages) concatenated along the width, last first,
+    each through the encoder's final norm. Stages of different grids cannot be concatenated: one block then."""
+
+    def __init__(self, model: nn.Module, blocks: int = 1) -> None:
+        super().__init__()
+        if blocks < 1:
+            raise ConfigError(f"config key 'attentive.blocks': must be >= 1, got {blocks}")
+        token_encoder = is_token_encoder(model)
+        blocks = min(blocks, depth_of(model))
+        if not token_encoder:
+            grids = {info["reduction"] for info in model.feature_info[-blocks:]}
+            if len(grids) > 1:
+                raise ConfigError(f"config key 'attentive.blocks': the last {blocks} stages of "
+                                  f"{type(model).__name__} have different grids; the attentive probe reads one "
+                                  f"(attentive.blocks=1)")
+        widths = [model.embed_dim] * blocks if token_encoder else [i["num_chs"] for i in model.feature_info[-blocks:]]
+        self.model, self.blocks, self.num_features = model, blocks, sum(widths)
+        self.features = "tokens"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(block_tokens(self.model, x, self.blocks), dim=-1)
+
+
+def block_tokens(model: nn.Module, x: torch.Tensor, blocks: int) -> List[torch.Tensor]:
+    """Per block (last first): [B, N, D] tokens of `model` on `x` as `ProbeTokens` reads them."""
+    if is_token_encoder(model):
+        outs = model.forward_intermediates(x, indices=blocks, norm=True, output_fmt="NLC", intermediates_only=True,
+                                           return_prefix_tokens=True)
+        return [torch.cat([prefix, patches], dim=1) for patches, prefix in reversed(outs)]
+    hiera = isinstance(model, Hiera)  # its final norm is the head's (see pooled_features)
+    options = {} if hiera else {"norm": True}
+    maps = model.forward_intermediates(x, indices=blocks, intermediates_only=True, **options)
+    tokens = [rearrange(m, "b c h w -> b (h w) c") for m in reversed(maps)]
+    return [model.head.norm(tokens[0]), *tokens[1:]] if hiera else tokens
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor, features: str, blocks: int) -> List[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Linear probe of a frozen pretrained encoder, in three modes (`mode`):
+"""Probes of a frozen pretrained encoder, in five modes (`mode`):
 
 - `logistic`: the encoder runs once over un-augmented images; a logistic regression on the standardized features is
   solved to convergence (L-BFGS), its L2 strength picked on a held-out tenth of train: the result measures the
@@ -6,12 +6,17 @@
 - `mae`: MAE's recipe. Images go through the frozen encoder every step (train augmentation: random resized crop +
   flip); the head is BatchNorm1d without affine parameters + Linear, trained with LARS and weight decay 0.
 - `cached`: the encoder runs once over un-augmented train/val images; the same head is trained on the cached features.
+- `attentive`: the encoder's tokens are cached once; an attentive pooler (learned queries, cross-attention, LayerNorm +
+  Linear) is trained on them with AdamW per seed, the mean reported (eval/attentive.py).
+- `layers`: the logistic probe and k-NN on every block (ViT) or stage, for the encoder and its random init: a table, a
+  curve (layers.png) and results.json (eval/layers.py).
 
 k-NN top-1/top-5 (`knn.k` > 0) comes from cached features too; everything lands in metrics.jsonl and results.json.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -22,9 +27,12 @@ from torch import nn
 
 from mimswin.config.evaluation import LinprobeConfig
 from mimswin.data.labeled import feature_dataset, labeled_pair, train_loader
+from mimswin.eval.attentive import attentive_probe
 from mimswin.eval.callbacks import EvaluateEachEpoch, log_record
-from mimswin.eval.features import FrozenRun, encode_splits, open_frozen_run
+from mimswin.eval.classifier import encoder_source
+from mimswin.eval.features import FrozenRun, encode_splits, open_frozen_run, probe_encoder
 from mimswin.eval.knn import knn_accuracy
+from mimswin.eval.layers import KINDS, layers_table, plot_layers, read_layers
 from mimswin.eval.logistic import logistic_probe
 from mimswin.eval.pooling import ProbeFeatures, pooled_features
 from mimswin.programs.common import Stopwatch, console_entry, parse_eval_args, write_results
@@ -151,23 +159,36 @@ def build_linprobe(cfg: LinprobeConfig, resume: Optional[str] = None
 
 def probe_meta(cfg: LinprobeConfig, run: FrozenRun) -> Dict[str, Any]:
     """What the run's records say about the probe: program, mode, architecture and the features read."""
-    return {"program": "linprobe", "mode": cfg.mode, "timm_name": run.timm_name, "timm_kwargs": run.timm_kwargs,
+    meta = {"program": "linprobe", "mode": cfg.mode, "timm_name": run.timm_name, "timm_kwargs": run.timm_kwargs,
             "num_classes": run.num_classes, "encoder_prefix": "encoder.", "mean": cfg.data.mean, "std": cfg.data.std,
             "features": run.encoder.features, "blocks": run.encoder.blocks}
+    return {**meta, "attentive": asdict(cfg.attentive)} if cfg.mode == "attentive" else meta
 
 
-def run_logistic(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
-    """`mode: logistic`: encode both splits once, solve the L2-regularised logistic regression (strength picked on a
-    held-out part of train), k-NN on the same features; one record and results.json."""
+def run_cached(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
+    """`mode: logistic` or `attentive`: encode both splits once, fit the probe on the cached features or tokens
+    (logistic: the L2-regularised logistic regression, strength picked on a held-out part of train; attentive: one
+    pooler per seed), k-NN on the same pooled features (logistic); one record and results.json."""
     run = open_frozen_run(cfg)
     watch = Stopwatch()
     with watch.time("features_s"):
         f = encode_splits(run, cfg)
     with watch.time("train_s"):
-        probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
-                               cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed, cfg.logistic.max_iter)
-    metrics = {"val_top1": probe["top1"], "val_top5": probe["top5"], "l2": probe["l2"]}
-    if cfg.knn.k > 0:
+        if cfg.mode == "attentive":
+            a = cfg.attentive
+            probe = attentive_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
+                                    a.seeds, run.accelerator.device, queries=a.queries, heads=a.heads, lr=a.lr,
+                                    weight_decay=a.weight_decay, epochs=a.epochs, batch_size=a.batch_size,
+                                    token_drop=a.token_drop)
+            fitted = {"top1_std": probe["top1_std"], "seed_top1": probe["seed_top1"]}
+        else:
+            probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
+                                   cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed,
+                                   cfg.logistic.max_iter)
+            fitted = {"l2": probe["l2"], "holdout_top1": probe["holdout_top1"]}
+    scalar = {"l2": probe["l2"]} if "l2" in probe else {"top1_std": probe["top1_std"]}
+    metrics = {"val_top1": probe["top1"], "val_top5": probe["top5"], **scalar}
+    if cfg.knn.k > 0 and cfg.mode == "logistic":
         with watch.time("knn_s"):
             accuracy = knn_accuracy(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
                                     cfg.knn.k, cfg.knn.temperature)
@@ -175,11 +196,51 @@ def run_logistic(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
     record = {"step": 0, "epoch": 0, **metrics}
     log_record(run.accelerator, run.run_dir, record)
     knn_part = {k: v for k, v in metrics.items() if k.startswith("knn_")}
-    results = {"program": "linprobe", "mode": cfg.mode, "checkpoint": str(cfg.checkpoint),
-               "random_init": cfg.random_init, **probe_meta(cfg, run), "train_samples": len(f["train_labels"]),
+    results = {"program": "linprobe", "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init,
+               **probe_meta(cfg, run), "train_samples": len(f["train_labels"]),
                "last": {"val_top1": probe["top1"], "val_top5": probe["top5"]},
-               "best": {"top1": probe["top1"], "l2": probe["l2"]}, "holdout_top1": probe["holdout_top1"],
-               **knn_part, "seconds": watch.seconds, "history": [record]}
+               "best": {"top1": probe["top1"], **({"l2": probe["l2"]} if "l2" in probe else {})},
+               **fitted, **knn_part, "seconds": watch.seconds, "history": [record]}
+    write_results(run.accelerator, run.run_dir, results)
+    run.accelerator.end_training()
+    return results, run.accelerator
+
+
+def run_layers(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
+    """`mode: layers`: pooled features of every block, of the encoder and (unless it is random init already) of the
+    same network at random init; per block the logistic probe and k-NN; table printed, curve and results written."""
+    run = open_frozen_run(cfg)
+    encoders = {"random init" if cfg.random_init else "pretrained": run.encoder}
+    if not cfg.random_init:
+        set_seed(cfg.train.seed)  # the same random network `random_init=true` reads
+        baseline = probe_encoder(encoder_source(cfg), replace(cfg, random_init=True))[0]
+        encoders["random init"] = baseline.to(run.accelerator.device)
+    watch = Stopwatch()
+    rows = {}
+    for label, encoder in encoders.items():
+        with watch.time("features_s"):
+            features = encode_splits(replace(run, encoder=encoder), cfg)
+        with watch.time("train_s"):
+            rows[label] = read_layers(features, encoder.widths, run.num_classes, penalties=cfg.logistic.penalties,
+                                      holdout=cfg.logistic.holdout, seed=cfg.train.seed,
+                                      max_iter=cfg.logistic.max_iter, k=cfg.knn.k, temperature=cfg.knn.temperature)
+    for index in range(len(rows[next(iter(rows))])):
+        record = {"step": index + 1, **{f"{label.replace(' ', '_')}_{kind}_top1": series[index][kind]
+                                        for label, series in rows.items() for kind in KINDS}}
+        log_record(run.accelerator, run.run_dir, record)
+    table = layers_table(rows)
+    curve = None
+    if run.accelerator.is_main_process:
+        curve = plot_layers(rows, run.run_dir.root / "layers.png", f"{run.timm_name}: {run.encoder.features} "
+                                                                     f"features per block")
+    run.accelerator.print(table)
+    pretrained = rows[next(iter(rows))]
+    best = {kind: max(pretrained, key=lambda row: row[kind]) for kind in KINDS}
+    results = {"program": "linprobe", "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init,
+               **probe_meta(cfg, run), "train_samples": len(features["train_labels"]), "layers": rows,
+               "best_block": {kind: best[kind]["block"] for kind in KINDS},
+               "last": {"val_top1": pretrained[-1]["probe"]}, "best": {"top1": best["probe"]["probe"]},
+               "knn_top1": best["knn"]["knn"], "curve": str(curve) if curve else None, "seconds": watch.seconds}
     write_results(run.accelerator, run.run_dir, results)
     run.accelerator.end_training()
     return results, run.accelerator
@@ -189,8 +250,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse, build, train the head, evaluate. Returns the results (also written to results.json)."""
     cfg, resume = parse_eval_args(LinprobeConfig, "mimswin-linprobe",
                                   "Linear probe (and k-NN) of a pretrained encoder.", argv, resumable=True)
-    if cfg.mode == "logistic":
-        results, accelerator = run_logistic(cfg)
+    if cfg.mode in ("logistic", "attentive"):
+        results, accelerator = run_cached(cfg)
+    elif cfg.mode == "layers":
+        results, accelerator = run_layers(cfg)
+        best = results["best_block"]
+        missing = "" if results["curve"] else " (no curve: matplotlib is not installed)"
+        accelerator.print(f"done: best logistic probe {results['best']['top1']:.2f} at block {best['probe']}, "
+                          f"best k-NN {results['knn_top1']:.2f} at block {best['knn']}; {cfg.train.output_dir}"
+                          f"{missing}")
+        return results
     else:
         trainer, evaluator, knn, watch = build_linprobe(cfg, resume)
         with watch.time("train_s"):
