@@ -31,7 +31,7 @@ def trial(overrides: List[str], steps: int, out: Path) -> float:
                "train.progress=false", f"train.output_dir={out}"]
     subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.mean(r["images_per_s"] for r in records[1:] if r["step"] % 10 == 0)
+    return statistics.mean(r["images_per_s"] for r in records[1:] if r["step"] % 10 == 0 and "images_per_s" in r)
 
 
 def main(argv: List[str] | None = None) -> Dict[str, float]:

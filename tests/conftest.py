@@ -86,3 +86,22 @@ def export_of_run(trainer, run: Path, head_keys: set):
     assert unexpected == [] and set(missing) == head_keys
     loaded = load_exported_timm(run / "encoder.safetensors", num_classes=0).eval()
     return loaded, trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
+
+
+def run_and_resume(tmp_path: Path, args: list[str], resume_at: int, steps: int) -> tuple[Path, Path, dict, dict]:
+    """A pretraining run of `steps` steps, and a second one resumed from the first's checkpoint at `resume_at`.
+    Returns (run dir, resumed run dir, final model weights of each)."""
+    import shutil
+
+    import safetensors.torch
+
+    from mimswin.programs.pretrain import main
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main([*args, f"train.output_dir={full}"])
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / f"checkpoints/step_{resume_at:08d}", resumed / f"checkpoints/step_{resume_at:08d}")
+    main([*args, f"train.output_dir={resumed}", "--resume"])
+    weights = [safetensors.torch.load_file(run / f"checkpoints/step_{steps:08d}/model.safetensors")
+               for run in (full, resumed)]
+    return full, resumed, weights[0], weights[1]

@@ -64,6 +64,20 @@ class VisConfig:
 
 
 @dataclass
+class OnlineProbeConfig:
+    """A linear head on the encoder's pooled features of the visible tokens, trained on detached features alongside
+    pretraining where the data has labels (the embedded set, class folders): no gradient reaches the encoder. Its val
+    top-1 is logged every `every` steps (0: off) on the first `val_samples` images of `val_path` (class folders; unset
+    with the embedded set: its val split). The head trains with the run's optimizer at `lr` (peak; the run's warmup
+    and cosine scale it alike)."""
+
+    every: int = 0
+    val_path: Optional[str] = None
+    val_samples: int = 1000
+    lr: float = 1.0e-2
+
+
+@dataclass
 class PretrainConfig:
     """`mimswin pretrain`: a MIM method over a timm encoder."""
 
@@ -76,6 +90,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     vis: VisConfig = field(default_factory=VisConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
     def validate(self) -> None:
         """Semantic checks that types alone cannot express (run by `load_config`)."""
@@ -87,6 +102,14 @@ class PretrainConfig:
               f"{self.decoder.dim} is not divisible by decoder.heads={self.decoder.heads}")
         check(self.decoder.dim % 4 == 0, "decoder.dim", "must be divisible by 4 (2-D sin-cos position embedding)")
         check_sections(self.data, self.optim, self.train)
+        probe = self.online_probe
+        check(probe.every >= 0, "online_probe.every", f"must be >= 0 steps (0: off), got {probe.every}")
+        check(probe.val_samples >= 1, "online_probe.val_samples", f"must be >= 1, got {probe.val_samples}")
+        check(probe.lr > 0, "online_probe.lr", f"must be > 0, got {probe.lr}")
+        check(not probe.every or self.data.shards is None, "online_probe.every",
+              "the online probe reads the embedded set or class folders (data.path), not data.shards")
+        check(not probe.every or self.data.path is None or probe.val_path is not None, "online_probe.val_path",
+              "the online probe of an image folder needs a validation folder with the same class subfolders")
         size_pair(self.model.img_size)
         resolve_pixels(self.data)
         in_chans = self.model.kwargs.get("in_chans")

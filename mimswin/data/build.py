@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Iterator, Optional, Tuple, Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimswin.config import DataConfig
 from mimswin.config.sections import Size
@@ -92,6 +92,20 @@ def build_pretrain_data(cfg: DataConfig, img_size: Size, num_replicas: int, rank
         raise DataError(f"data: {len(dataset)} images cannot fill one batch of {cfg.batch_size} x "
                         f"{num_replicas} process(es) x {batch_multiple} accumulation step(s)")
     return EpochLoader(dataset, sampler, cfg.num_workers, device, device_step(cfg))
+
+
+def online_probe_val(cfg: DataConfig, val_path: Optional[str], img_size: Size, train: Dataset,
+                     samples: int) -> Tuple[Dataset, int]:
+    """(the online probe's validation images, un-augmented, at most `samples` of them; its class count): the
+    embedded val split, or the class folders of `val_path`, which must name the classes of the training folder."""
+    view = eval_transform(img_size)
+    classes = getattr(train, "classes", [])
+    if not classes:
+        raise DataError(f"online_probe: '{cfg.path}' has no class subfolders, so there are no labels to probe")
+    val = EmbeddedMNIST("val", view, cfg.channels) if cfg.path is None else ImageFolder(val_path, view, read_spec(cfg))
+    if val.classes != classes:
+        raise DataError(f"online_probe.val_path: its classes {val.classes[:5]} differ from data.path's {classes[:5]}")
+    return Subset(val, range(min(samples, len(val)))), len(classes)
 
 
 def first_usable(dataset: Dataset, count: int, tries: int, what: str) -> torch.Tensor:

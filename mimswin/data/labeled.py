@@ -133,7 +133,7 @@ def rank_loader(dataset: LabeledData, batch_size: int, num_workers: int, rank: i
         return dataset.loader(batch_size, num_workers, world, rank, 0, device, False).epoch(0)
     subset = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                        collate_fn=collate_samples)
+                        collate_fn=collate_samples, generator=torch.Generator())  # leaves the global RNG alone
     return ready_batches(loader, step, device, Counter())
 
 

@@ -23,6 +23,7 @@ from mimswin.models.hiera import MaskedHiera
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.mae import MAE
 from mimswin.models.masking import MaskSample
+from mimswin.models.online_probe import with_online_probe
 from mimswin.models.patches import pixel_targets
 
 
@@ -115,13 +116,17 @@ class HieraMAE(MAE):
         count = mask.keep.shape[1] // cells ** 2
         return torch.argsort(hidden.flatten(1).to(torch.int8), dim=1, stable=True)[:, :count]
 
-    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
+    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None,
+                labels: Optional[torch.Tensor] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         encoded = self.encoder.forward_masked(images, self.visible_units(mask))
         fused = self.encoder.norm(self.decoder.fuse(encoded.stages))
         pred = self.decoder(fused, encoded.positions)
         target = pixel_targets(images, self.target_px, self.norm_pix)
-        return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)
+        loss = masked_loss(pred, target, mask.hidden, self.loss_kind)
+        last = encoded.stages[-1]  # the visible units' last-stage cells, averaged, then the final norm
+        loss, logits = with_online_probe(self, loss, lambda: self.encoder.norm(last.mean(dim=(1, 2, 3))), labels)
+        return MIMOutput(loss, pred, target, mask, logits)
 
 
 def build_hiera_mae(model: nn.Module, cfg: PretrainConfig) -> HieraMAE:

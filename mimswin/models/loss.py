@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -12,10 +12,14 @@ LOSS_KINDS = ("mse", "l1")
 
 
 class MIMOutput(NamedTuple):
+    """The loss, predictions [B, N, target values], targets, the mask drawn, and the online probe's class scores
+    (None without a probe)."""
+
     loss: torch.Tensor
     pred: torch.Tensor
     target: torch.Tensor
     mask: MaskSample
+    probe_logits: Optional[torch.Tensor] = None
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, kind: str = "mse") -> torch.Tensor:

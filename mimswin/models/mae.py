@@ -10,6 +10,7 @@ from torch import nn
 from mimswin.models.encoder import MaskedEncoder
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.masking import MaskSample, unit_mask
+from mimswin.models.online_probe import with_online_probe
 from mimswin.models.patches import pixel_targets
 
 
@@ -41,9 +42,12 @@ class MAE(nn.Module):
     def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> MaskSample:
         return unit_mask(batch, self.grid, self.unit_cells, self.mask_ratio, device, generator)
 
-    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
+    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None,
+                labels: Optional[torch.Tensor] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         encoded = self.encoder.forward_masked(images, mask.keep)
         pred = self.decoder(encoded.tokens, encoded.positions, encoded.prefix)
         target = pixel_targets(images, self.target_px, self.norm_pix)
-        return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)
+        loss = masked_loss(pred, target, mask.hidden, self.loss_kind)
+        loss, logits = with_online_probe(self, loss, lambda: encoded.tokens.mean(dim=1), labels)  # visible tokens
+        return MIMOutput(loss, pred, target, mask, logits)

@@ -16,6 +16,7 @@ from mimswin.errors import ConfigError
 from mimswin.models.encoder import timm_in_chans
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.masking import MaskSample, random_mask
+from mimswin.models.online_probe import with_online_probe
 from mimswin.models.patches import patchify, pixel_targets
 from mimswin.models.swin import check_swin, output_stride, swin_forward_with_mask_token
 from mimswin.models.vit import check_patch_grid
@@ -126,9 +127,12 @@ class SimMIM(nn.Module):
         hidden = hidden_units.view(-1, *self.grid)
         return hidden.repeat_interleave(per_unit, 1).repeat_interleave(per_unit, 2)
 
-    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None) -> MIMOutput:
+    def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None,
+                labels: Optional[torch.Tensor] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         features = self.encoder.forward_masked(images, self.hidden_patches(mask.hidden))
         pred = patchify(self.head(features), self.unit_px)
         target = pixel_targets(images, self.unit_px, self.norm_pix)
-        return MIMOutput(masked_loss(pred, target, mask.hidden, self.loss_kind), pred, target, mask)
+        loss = masked_loss(pred, target, mask.hidden, self.loss_kind)
+        loss, logits = with_online_probe(self, loss, lambda: features.mean(dim=(2, 3)), labels)  # all cells
+        return MIMOutput(loss, pred, target, mask, logits)

@@ -11,10 +11,13 @@ from accelerate.utils import set_seed
 from mimswin.config.loading import load_config
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.config.sections import size_pair
-from mimswin.data.build import build_pretrain_data, preview_images
+from mimswin.data.build import build_pretrain_data, device_step, online_probe_val, preview_images
+from mimswin.eval.callbacks import log_eval
+from mimswin.eval.metrics import evaluate
 from mimswin.eval.pictures import reconstruction_grid, save_png
 from mimswin.models.create import encoder_kwargs
 from mimswin.models.factory import build_method
+from mimswin.models.online_probe import OnlineProbe
 from mimswin.programs.common import console_entry, parse_with_resume, program_parser
 from mimswin.runs.export import export_encoder, pretrained_cfg
 from mimswin.train.loop import Trainer
@@ -74,8 +77,67 @@ class ExportEncoder:
                         "pretrained_cfg": pretrained_cfg(kwargs, cfg.data.mean, cfg.data.std, f"mimswin_{cfg.method}")})
 
 
+class ProbeView(torch.nn.Module):
+    """The method as a classifier for `evaluate`: whole images (mask ratio 0: every token visible, as the offline
+    probe reads them) -> the online probe's scores; the masks' order comes from its own generator, so the run's RNG
+    is left alone."""
+
+    def __init__(self, method: torch.nn.Module, seed: int) -> None:
+        super().__init__()
+        self.method, self.seed = method, seed
+        self.generator: Optional[torch.Generator] = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(images.device).manual_seed(self.seed)
+        ratio, self.method.mask_ratio = self.method.mask_ratio, 0.0
+        try:
+            mask = self.method.draw_mask(images.shape[0], images.device, self.generator)
+        finally:
+            self.method.mask_ratio = ratio
+        return self.method(images, mask).probe_logits
+
+
+class OnlineProbeEval:
+    """The online probe's val top-1 every `online_probe.every` steps and at the end, logged as `online_probe_top1`
+    (metrics.jsonl, trackers, console)."""
+
+    def __init__(self, cfg: PretrainConfig, val_set: torch.utils.data.Dataset) -> None:
+        self.cfg, self.val_set = cfg, val_set
+
+    def read(self, trainer: Trainer) -> None:
+        view = ProbeView(trainer.accelerator.unwrap_model(trainer.model), self.cfg.train.seed)
+        result = evaluate(view, self.val_set, trainer.accelerator, self.cfg.data.batch_size, 0,
+                          device_step(self.cfg.data))
+        log_eval(trainer, {"online_probe_top1": result["top1"]})
+
+    def on_step(self, trainer: Trainer) -> None:
+        if trainer.state.step % self.cfg.online_probe.every == 0:
+            self.read(trainer)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.state.step % self.cfg.online_probe.every:
+            self.read(trainer)
+
+
+def add_probe_groups(optimizer: torch.optim.Optimizer, probe: OnlineProbe, lr_scale: float) -> None:
+    """The online probe's parameters as their own groups (weight with the run's weight decay, bias without), at
+    `lr_scale` times the run's lr along the same schedule (the scheduler applies `lr_scale`), marked `watch_only`:
+    the loop leaves them out of the clipped gradient norm and the logged lr."""
+    base = optimizer.param_groups[0]
+    decay = max(group["weight_decay"] for group in optimizer.param_groups)
+    for params, weight_decay in (([probe.linear.weight], decay), ([probe.linear.bias], 0.0)):
+        optimizer.add_param_group({"params": params, "lr": base["lr"], "weight_decay": weight_decay,
+                                   "lr_scale": lr_scale, "watch_only": True})
+
+
 def pretrain_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return model(batch[0]).loss
+
+
+def probed_pretrain_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The pretraining loss with the online probe's zero-valued term (its gradient reaches the probe only)."""
+    return model(batch[0], labels=batch[1]).loss
 
 
 def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
@@ -90,14 +152,24 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
                                cfg.train.seed, accelerator.device, cfg.train.grad_accum_steps)
     plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
     optimizer = build_optimizer(method, cfg.optim, plan.lr, **optimizer_kwargs(cfg.optim, accelerator.device))
+    probing = cfg.online_probe.every > 0
+    if probing:
+        val_set, num_classes = online_probe_val(cfg.data, cfg.online_probe.val_path, size, data.dataset,
+                                                cfg.online_probe.val_samples)
+        method.online_probe = OnlineProbe(method.encoder.embed_dim, num_classes,
+                                          torch.Generator().manual_seed(cfg.train.seed))
+        add_probe_groups(optimizer, method.online_probe, cfg.online_probe.lr / plan.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
     model, optimizer = accelerator.prepare(method, optimizer)
 
     record_run(accelerator, run_dir, cfg)
     callbacks = [PretrainPictures(cfg, preview_images(cfg.data, size, PREVIEW_COUNT)), ExportEncoder(cfg)]
+    if probing:
+        callbacks.append(OnlineProbeEval(cfg, val_set))
     meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size}
-    trainer = Trainer(cfg.train, accelerator, model, optimizer, scheduler, data, pretrain_loss, run_dir,
-                      plan.total_steps, cfg.optim.clip_grad, callbacks, meta)
+    trainer = Trainer(cfg.train, accelerator, model, optimizer, scheduler, data,
+                      probed_pretrain_loss if probing else pretrain_loss, run_dir, plan.total_steps,
+                      cfg.optim.clip_grad, callbacks, meta)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     accelerator.print(f"pretraining {cfg.method} {cfg.model.name} on {cfg.data.channels}-channel {size[0]}x{size[1]} "
