@@ -88,7 +88,8 @@ class Budget:
 BUDGETS = {
     "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1, ["train.max_steps=4", "train.epochs=1"],
                     ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"],
-                    ["attentive.epochs=1", "attentive.seeds=[0]", "attentive.heads=4"], 2, toy=True),
+                    ["attentive.epochs=1", "attentive.min_steps=0", "attentive.seeds=[0]", "attentive.heads=4"], 2,
+                    toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
     "long": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 8, ["train.epochs=40"]),
@@ -282,7 +283,8 @@ def pixel_tokens(flat: torch.Tensor, patch: int = PIXEL_PATCH) -> torch.Tensor:
 def raw_pixel_attentive(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                         toy: bool = False) -> float:
     """Val top-1 of the attentive probe (the linprobe default hyperparameters, heads PIXEL_HEADS) on pixel tokens."""
-    hyper = {**asdict(AttentiveConfig()), "heads": PIXEL_HEADS, **({"epochs": 1, "seeds": [0]} if toy else {})}
+    toy_length = {"epochs": 1, "seeds": [0], "min_steps": 0} if toy else {}
+    hyper = {**asdict(AttentiveConfig()), "heads": PIXEL_HEADS, **toy_length}
     seeds = hyper.pop("seeds")
     hyper.pop("blocks")
     return attentive_probe(pixel_tokens(train_x), train_y, pixel_tokens(val_x), val_y, CLASSES, seeds,

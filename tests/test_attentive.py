@@ -97,6 +97,13 @@ def test_token_drop_keeps_a_random_subset_of_each_samples_own_tokens():
     assert drop_tokens(tokens, 0.0, torch.Generator()) is tokens
 
 
+def test_small_labeled_sets_train_for_at_least_min_steps():
+    x, y = needle_tokens(10, 3)
+    hyper = dict(queries=1, heads=1, lr=1e-3, weight_decay=0.0, batch_size=4, token_drop=0.0, seed=0)
+    assert train_pooler(x, y, 4, epochs=2, min_steps=0, **hyper).steps == 6  # 3 batches per epoch
+    assert train_pooler(x, y, 4, epochs=2, min_steps=10, **hyper).steps == 12  # 4 epochs: the first >= 10 steps
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     lrs = [cosine_lr(step, 100, 1.0) for step in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)

@@ -237,7 +237,8 @@ def test_attentive_probe_reads_vit_and_swin_tokens_and_reports_each_seed(pretrai
     for name, source in (("vit", pretrained), ("swin", swin_export)):
         results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(source), f"data.path={colours}",
                                  f"train.output_dir={tmp_path / name}", "mode=attentive", "attentive.epochs=15",
-                                 "attentive.seeds=[0,1]", "attentive.batch_size=16", "attentive.heads=4", *FAST])
+                                 "attentive.seeds=[0,1]", "attentive.batch_size=16", "attentive.heads=4",
+                                 "attentive.min_steps=0", *FAST])
         assert results["mode"] == "attentive" and len(results["seed_top1"]) == 2, results
         assert results["last"]["val_top1"] == pytest.approx(sum(results["seed_top1"]) / 2)
         assert results["last"]["val_top1"] >= 90.0 and "knn_top1" not in results

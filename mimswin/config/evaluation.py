@@ -74,8 +74,9 @@ class LogisticConfig:
 class AttentiveConfig:
     """`mode: attentive`: `queries` learned queries over `heads` heads attend to the tokens of the last `blocks`
     blocks (ViT; a Swin or Hiera: its last stage), their outputs concatenated, then LayerNorm + Linear; AdamW (`lr`,
-    `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches of `batch_size`, `token_drop` of each
-    sample's tokens left out in training; one pooler per seed in `seeds`, the mean reported."""
+    `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches of `batch_size` (more epochs where
+    that is under `min_steps` optimizer steps: small labeled subsets), `token_drop` of each sample's tokens left out in
+    training; one pooler per seed in `seeds`, the mean reported."""
 
     queries: int = 8
     heads: int = 12
@@ -83,6 +84,7 @@ class AttentiveConfig:
     lr: float = 2.0e-2
     weight_decay: float = 0.05
     epochs: int = 30
+    min_steps: int = 480
     batch_size: int = 256
     token_drop: float = 0.25
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
@@ -207,6 +209,7 @@ class LinprobeConfig:
         for key, value in (("queries", a.queries), ("heads", a.heads), ("blocks", a.blocks), ("epochs", a.epochs),
                            ("batch_size", a.batch_size)):
             check(value >= 1, f"attentive.{key}", f"must be >= 1, got {value}")
+        check(a.min_steps >= 0, "attentive.min_steps", f"must be >= 0, got {a.min_steps}")
         check(a.lr > 0 and a.weight_decay >= 0, "attentive.lr", f"lr must be > 0 and weight_decay >= 0, got "
               f"{a.lr} / {a.weight_decay}")
         check(len(a.seeds) > 0, "attentive.seeds", "needs one or more seeds")

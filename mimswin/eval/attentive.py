@@ -90,10 +90,11 @@ def drop_tokens(tokens: torch.Tensor, fraction: float, generator: torch.Generato
 
 def train_pooler(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, *, queries: int, heads: int,
                  lr: float, weight_decay: float, epochs: int, batch_size: int, token_drop: float, seed: int,
-                 device: torch.device | str = "cpu") -> AttentivePooler:
+                 min_steps: int = 0, device: torch.device | str = "cpu") -> AttentivePooler:
     """One pooler trained on cached tokens [N, T, D] (any float dtype; batches are read as float32) with AdamW, the
-    cosine schedule, cross-entropy and `token_drop` of each sample's tokens left out; seeded (init, batch order,
-    dropped tokens)."""
+    cosine schedule, cross-entropy and `token_drop` of each sample's tokens left out, for `epochs` or as many more as
+    `min_steps` optimizer steps take (a small labeled subset is a batch or two per epoch); seeded (init, batch order,
+    dropped tokens). The pooler's `steps` says how many it took."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     pooler = AttentivePooler(train_x.shape[-1], num_classes, queries, heads).standardize_with(train_x).to(device)
@@ -102,6 +103,7 @@ def train_pooler(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=lr)
     per_epoch = math.ceil(len(train_y) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / per_epoch))
     total, step = epochs * per_epoch, 0
     for _ in range(epochs):
         order = torch.randperm(len(train_y), generator=generator)
@@ -115,6 +117,7 @@ def train_pooler(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
             loss.backward()
             optimizer.step()
             step += 1
+    pooler.steps = step
     return pooler.eval().requires_grad_(False)
 
 
@@ -130,13 +133,15 @@ def pooler_scores(pooler: AttentivePooler, tokens: torch.Tensor, batch_size: int
 def attentive_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                     num_classes: int, seeds: Sequence[int], device: torch.device | str = "cpu",
                     **hyper: float) -> Dict[str, object]:
-    """Val top-1/top-5 (%) of the attentive probe, mean over one pooler per seed, with each seed's top-1."""
+    """Val top-1/top-5 (%) of the attentive probe, mean over one pooler per seed, with each seed's top-1 and the
+    optimizer steps each took."""
     per_seed: List[Dict[str, float]] = []
     for seed in seeds:
         pooler = train_pooler(train_x, train_y, num_classes, seed=seed, device=device, **hyper)
         per_seed.append(topk_accuracy(pooler_scores(pooler, val_x, int(hyper["batch_size"])), val_y))
+        steps = pooler.steps
     top1 = [r["top1"] for r in per_seed]
     mean_top1 = sum(top1) / len(top1)
     spread = (sum((t - mean_top1) ** 2 for t in top1) / max(1, len(top1) - 1)) ** 0.5
     return {"top1": mean_top1, "top5": sum(r["top5"] for r in per_seed) / len(per_seed), "top1_std": spread,
-            "seed_top1": top1}
+            "seed_top1": top1, "steps": steps}

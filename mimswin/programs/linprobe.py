@@ -179,8 +179,8 @@ def run_cached(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
             probe = attentive_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
                                     a.seeds, run.accelerator.device, queries=a.queries, heads=a.heads, lr=a.lr,
                                     weight_decay=a.weight_decay, epochs=a.epochs, batch_size=a.batch_size,
-                                    token_drop=a.token_drop)
-            fitted = {"top1_std": probe["top1_std"], "seed_top1": probe["seed_top1"]}
+                                    token_drop=a.token_drop, min_steps=a.min_steps)
+            fitted = {"top1_std": probe["top1_std"], "seed_top1": probe["seed_top1"], "steps": probe["steps"]}
         else:
             probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
                                    cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed,
