@@ -29,6 +29,13 @@ def depth_of(model: nn.Module) -> int:
     return len(model.blocks) if is_token_encoder(model) else len(model.feature_info)
 
 
+def block_widths(model: nn.Module, blocks: int) -> List[int]:
+    """Token widths of the last `blocks` blocks (or stages), first of them first."""
+    if is_token_encoder(model):
+        return [model.embed_dim] * blocks
+    return [info["num_chs"] for info in model.feature_info[-blocks:]]
+
+
 class ProbeFeatures(nn.Module):
     """Frozen features of a timm model for probes and k-NN: `features` in cls | avg | cls+avg, read from the outputs
     of the last `blocks` blocks (each through the encoder's final norm) and concatenated, last block first.
@@ -48,10 +55,7 @@ class ProbeFeatures(nn.Module):
             raise ConfigError(f"config key 'features.blocks': must be >= 1, got {blocks}")
         blocks = min(blocks, depth_of(model))
         self.model, self.features, self.blocks = model, features, blocks
-        if is_token_encoder(model):
-            widths = [model.embed_dim] * blocks
-        else:
-            widths = [info["num_chs"] for info in model.feature_info[-blocks:]]
+        widths = block_widths(model, blocks)
         self.widths = [w * (2 if features == "cls+avg" else 1) for w in reversed(widths)]  # per block, last first
         self.num_features = sum(self.widths)
 
@@ -72,16 +76,14 @@ class ProbeTokens(nn.Module):
         super().__init__()
         if blocks < 1:
             raise ConfigError(f"config key 'attentive.blocks': must be >= 1, got {blocks}")
-        token_encoder = is_token_encoder(model)
         blocks = min(blocks, depth_of(model))
-        if not token_encoder:
+        if not is_token_encoder(model):
             grids = {info["reduction"] for info in model.feature_info[-blocks:]}
             if len(grids) > 1:
                 raise ConfigError(f"config key 'attentive.blocks': the last {blocks} stages of "
                                   f"{type(model).__name__} have different grids; the attentive probe reads one "
                                   f"(attentive.blocks=1)")
-        widths = [model.embed_dim] * blocks if token_encoder else [i["num_chs"] for i in model.feature_info[-blocks:]]
-        self.model, self.blocks, self.num_features = model, blocks, sum(widths)
+        self.model, self.blocks, self.num_features = model, blocks, sum(block_widths(model, blocks))
         self.features = "tokens"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,11 @@ class MAE(nn.Module):
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {
             f"decoder.{n}" for n in self.decoder.no_weight_decay()}
 
-    def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> MaskSample:
-        return unit_mask(batch, self.grid, self.unit_cells, self.mask_ratio, device, generator)
+    def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None,
+                  ratio: Optional[float] = None) -> MaskSample:
+        """A mask of the run's `mask_ratio`, or of `ratio` (0: every unit visible)."""
+        ratio = self.mask_ratio if ratio is None else ratio
+        return unit_mask(batch, self.grid, self.unit_cells, ratio, device, generator)
 
     def forward(self, images: torch.Tensor, mask: Optional[MaskSample] = None,
                 labels: Optional[torch.Tensor] = None) -> MIMOutput:

@@ -118,8 +118,11 @@ class SimMIM(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
 
-    def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None) -> MaskSample:
-        return random_mask(batch, self.grid[0] * self.grid[1], self.mask_ratio, device, generator)
+    def draw_mask(self, batch: int, device: torch.device, generator: Optional[torch.Generator] = None,
+                  ratio: Optional[float] = None) -> MaskSample:
+        """A mask of the run's `mask_ratio`, or of `ratio` (0: every unit visible)."""
+        ratio = self.mask_ratio if ratio is None else ratio
+        return random_mask(batch, self.grid[0] * self.grid[1], ratio, device, generator)
 
     def hidden_patches(self, hidden_units: torch.Tensor) -> torch.Tensor:
         """[B, units] mask -> [B, H, W] mask over the encoder's patch grid."""

@@ -180,14 +180,15 @@ def run_cached(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
                                     a.seeds, run.accelerator.device, queries=a.queries, heads=a.heads, lr=a.lr,
                                     weight_decay=a.weight_decay, epochs=a.epochs, batch_size=a.batch_size,
                                     token_drop=a.token_drop, min_steps=a.min_steps)
-            fitted = {"top1_std": probe["top1_std"], "seed_top1": probe["seed_top1"], "steps": probe["steps"]}
+            logged, best = {"top1_std": probe["top1_std"]}, {}
+            fitted = {"seed_top1": probe["seed_top1"], "steps": probe["steps"]}
         else:
             probe = logistic_probe(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
                                    cfg.logistic.penalties, cfg.logistic.holdout, cfg.train.seed,
                                    cfg.logistic.max_iter)
-            fitted = {"l2": probe["l2"], "holdout_top1": probe["holdout_top1"]}
-    scalar = {"l2": probe["l2"]} if "l2" in probe else {"top1_std": probe["top1_std"]}
-    metrics = {"val_top1": probe["top1"], "val_top5": probe["top5"], **scalar}
+            logged = best = {"l2": probe["l2"]}
+            fitted = {"holdout_top1": probe["holdout_top1"]}
+    metrics = {"val_top1": probe["top1"], "val_top5": probe["top5"], **logged}
     if cfg.knn.k > 0 and cfg.mode == "logistic":
         with watch.time("knn_s"):
             accuracy = knn_accuracy(f["train"], f["train_labels"], f["val"], f["val_labels"], run.num_classes,
@@ -199,8 +200,8 @@ def run_cached(cfg: LinprobeConfig) -> Tuple[Dict[str, Any], Accelerator]:
     results = {"program": "linprobe", "checkpoint": str(cfg.checkpoint), "random_init": cfg.random_init,
                **probe_meta(cfg, run), "train_samples": len(f["train_labels"]),
                "last": {"val_top1": probe["top1"], "val_top5": probe["top5"]},
-               "best": {"top1": probe["top1"], **({"l2": probe["l2"]} if "l2" in probe else {})},
-               **fitted, **knn_part, "seconds": watch.seconds, "history": [record]}
+               "best": {"top1": probe["top1"], **best}, **logged, **fitted, **knn_part, "seconds": watch.seconds,
+               "history": [record]}
     write_results(run.accelerator, run.run_dir, results)
     run.accelerator.end_training()
     return results, run.accelerator

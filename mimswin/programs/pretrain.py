@@ -90,11 +90,7 @@ class ProbeView(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.generator is None:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        ratio, self.method.mask_ratio = self.method.mask_ratio, 0.0
-        try:
-            mask = self.method.draw_mask(images.shape[0], images.device, self.generator)
-        finally:
-            self.method.mask_ratio = ratio
+        mask = self.method.draw_mask(images.shape[0], images.device, self.generator, ratio=0.0)
         return self.method(images, mask).probe_logits
 
 

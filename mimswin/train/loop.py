@@ -69,6 +69,12 @@ class Trainer:
         self._good_steps = torch.zeros((), device=accelerator.device)
         # device copy of the skip counters: [skipped in all, in a row now, longest run in a row since last read]
         self._nonfinite = torch.zeros(3, dtype=torch.long, device=accelerator.device)
+        # the parameters the run trains, clipped and measured: all but those of param groups marked `watch_only` (an
+        # online probe's head, which neither counts in the gradient norm nor sets the logged lr)
+        groups = optimizer.param_groups
+        watched = any(group.get("watch_only") for group in groups)
+        self._run_parameters = ([p for group in groups if not group.get("watch_only") for p in group["params"]]
+                                if watched else list(model.parameters()))
         self._micro_batches = 0
         self._saved_step = -1
         self._images = 0
@@ -108,14 +114,6 @@ class Trainer:
     def _stateful_callbacks(self) -> Dict[str, Any]:
         return {type(callback).__name__: callback for callback in self.callbacks if hasattr(callback, "state_dict")}
 
-    def _run_parameters(self) -> Iterable[torch.nn.Parameter]:
-        """The parameters the run trains: all but those of param groups marked `watch_only` (an online probe's head,
-        which neither counts in the clipped and logged gradient norm nor sets the logged lr)."""
-        groups = self.optimizer.param_groups
-        if not any(group.get("watch_only") for group in groups):
-            return self.model.parameters()
-        return [p for group in groups if not group.get("watch_only") for p in group["params"]]
-
     def current_lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups if not group.get("watch_only"))
 
@@ -146,7 +144,7 @@ class Trainer:
         or the optimizer moments. Returns whether the weights moved. A fused optimizer skips on the device (its
         `found_inf`, as under a GradScaler) and the answer stays a device tensor: no host sync in the step. Others read
         the norm on the host. fp16: the GradScaler skips such steps itself (and lowers its scale)."""
-        norm = self.accelerator.clip_grad_norm_(self._run_parameters(), self.clip_grad or math.inf)
+        norm = self.accelerator.clip_grad_norm_(self._run_parameters, self.clip_grad or math.inf)
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if self.accelerator.scaler is not None:
             self.optimizer.step()
