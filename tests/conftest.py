@@ -3,6 +3,7 @@
 import os
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -88,9 +89,19 @@ def export_of_run(trainer, run: Path, head_keys: set):
     return loaded, trainer.accelerator.unwrap_model(trainer.model).encoder.eval()
 
 
-def run_and_resume(tmp_path: Path, args: list[str], resume_at: int, steps: int) -> tuple[Path, Path, dict, dict]:
-    """A pretraining run of `steps` steps, and a second one resumed from the first's checkpoint at `resume_at`.
-    Returns (run dir, resumed run dir, final model weights of each)."""
+class ResumedPair(NamedTuple):
+    """An uninterrupted pretraining run and one resumed from its checkpoint: run dirs, trainers, final weights."""
+
+    full: Path
+    resumed: Path
+    full_trainer: Any
+    resumed_trainer: Any
+    full_weights: dict
+    resumed_weights: dict
+
+
+def run_and_resume(tmp_path: Path, args: list[str], resume_at: int, steps: int) -> ResumedPair:
+    """A pretraining run of `steps` steps, and a second one resumed from the first's checkpoint at `resume_at`."""
     import shutil
 
     import safetensors.torch
@@ -98,10 +109,10 @@ def run_and_resume(tmp_path: Path, args: list[str], resume_at: int, steps: int) 
     from mimswin.programs.pretrain import main
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    main([*args, f"train.output_dir={full}"])
+    full_trainer = main([*args, f"train.output_dir={full}"])
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / f"checkpoints/step_{resume_at:08d}", resumed / f"checkpoints/step_{resume_at:08d}")
-    main([*args, f"train.output_dir={resumed}", "--resume"])
+    resumed_trainer = main([*args, f"train.output_dir={resumed}", "--resume"])
     weights = [safetensors.torch.load_file(run / f"checkpoints/step_{steps:08d}/model.safetensors")
                for run in (full, resumed)]
-    return full, resumed, weights[0], weights[1]
+    return ResumedPair(full, resumed, full_trainer, resumed_trainer, *weights)

@@ -96,7 +96,7 @@ def test_online_probe_learns_and_is_logged_every_n_steps_without_changing_the_lo
 
 def test_resume_with_the_online_probe_reproduces_the_uninterrupted_run(tmp_path):
     common = PROBED + ["train.max_steps=8", "train.save_every=4", "train.keep_last=5", "data.num_workers=2"]
-    full, resumed, a, b = run_and_resume(tmp_path, common, resume_at=4, steps=8)
+    full, resumed, _, _, a, b = run_and_resume(tmp_path, common, resume_at=4, steps=8)
     assert "online_probe.linear.weight" in a and "online_probe.norm.running_mean" in a and a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

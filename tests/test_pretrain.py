@@ -1,10 +1,8 @@
 import json
-import shutil
 
 import pytest
-import safetensors.torch
 import torch
-from conftest import RGB, TINY, export_of_run, loss_at_both_ends, pretrain_briefly
+from conftest import RGB, TINY, export_of_run, loss_at_both_ends, pretrain_briefly, run_and_resume
 
 from mimswin.programs.pretrain import cli, main
 from mimswin.runs.layout import read_metrics
@@ -49,15 +47,8 @@ def test_exported_encoder_is_a_plain_timm_model_with_the_same_features(short_run
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, accum):
     common = TINY + ["train.max_steps=8", "train.save_every=4", "train.keep_last=5", "data.num_workers=2",
                      "train.log_every=1", f"train.grad_accum_steps={accum}"]
-    full = tmp_path / "full"
-    main(common + [f"train.output_dir={full}"])
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints/step_00000004", resumed / "checkpoints/step_00000004")
-    trainer = main(common + [f"train.output_dir={resumed}", "--resume"])
+    full, resumed, _, trainer, a, b = run_and_resume(tmp_path, common, resume_at=4, steps=8)
     assert trainer.state.step == 8
-    a = safetensors.torch.load_file(full / "checkpoints/step_00000008/model.safetensors")
-    b = safetensors.torch.load_file(resumed / "checkpoints/step_00000008/model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -1,19 +1,17 @@
 import io
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import webdataset as wds
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_and_resume
 from PIL import Image
 
 from mimswin.data.sources import EmbeddedMNIST
-from mimswin.programs.pretrain import cli, main
+from mimswin.programs.pretrain import cli
 from mimswin.runs.layout import read_metrics
 
 PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
@@ -56,14 +54,7 @@ def test_pretraining_on_shards_resumes_exactly_and_counts_corrupt_images(tmp_pat
     common = TINY + [f"data.shards={mnist_shards}", "data.num_workers=2", "data.shuffle_buffer=40",
                      "train.max_steps=6", "train.save_every=3", "train.keep_last=5", "train.log_every=1",
                      "train.vis_every=100"]
-    full = tmp_path / "full"
-    trainer = main(common + [f"train.output_dir={full}"])
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
-    main(common + [f"train.output_dir={resumed}", "--resume"])
-    a = safetensors.torch.load_file(full / "checkpoints/step_00000006/model.safetensors")
-    b = safetensors.torch.load_file(resumed / "checkpoints/step_00000006/model.safetensors")
+    _, _, trainer, _, a, b = run_and_resume(tmp_path, common, resume_at=3, steps=6)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert trainer.history[-1]["skipped"] == trainer.data.skipped > 0
 
