@@ -11,8 +11,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from mimswin.data.batches import DeviceStep
 from mimswin.data.build import EpochLoader
-from mimswin.data.pixels import DeviceStep, SampleError, promote, stack_samples, to_float
+from mimswin.data.pixels import SampleError, promote, stack_samples, to_float
 from mimswin.data.readers import ReadSpec, read_bytes, read_path
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.sources import ImageFolder

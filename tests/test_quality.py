@@ -14,8 +14,8 @@ from conftest import REPO, RGB, TINY
 
 from mimswin.config import PretrainConfig, TrainConfig, load_config
 from mimswin.config.evaluation import LabeledDataConfig
+from mimswin.data.batches import DeviceStep
 from mimswin.data.labeled import labeled_pair
-from mimswin.data.pixels import DeviceStep
 from mimswin.data.sources import EmbeddedMNIST
 from mimswin.data.subsets import balanced_split, labeled_subset
 from mimswin.errors import ConfigError

@@ -8,8 +8,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mimswin.data.batches import DeviceStep
 from mimswin.data.build import EpochLoader
-from mimswin.data.pixels import DeviceStep, Skipped
+from mimswin.data.pixels import Skipped
 from mimswin.data.readers import ReadSpec, read_bytes, read_path
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import build_shard_loader, decode_sample, read_shard

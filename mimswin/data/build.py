@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mimswin.config import DataConfig
 from mimswin.config.sections import Size
-from mimswin.data.pixels import DeviceStep, Skipped, collate_samples, ready_batches, stack_samples
+from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
+from mimswin.data.pixels import Skipped, stack_samples
 from mimswin.data.readers import ReadSpec
 from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
 from mimswin.data.shard_stream import ShardLoader, build_shard_loader, shard_preview

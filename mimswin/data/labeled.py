@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from mimswin.config import DataConfig
 from mimswin.config.evaluation import LabeledDataConfig
+from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
 from mimswin.data.build import EpochLoader, device_step, read_spec
-from mimswin.data.pixels import DeviceStep, collate_samples, ready_batches
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder

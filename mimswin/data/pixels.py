@@ -1,6 +1,6 @@
 """The pixel contract. A sample is a C x H x W tensor in its file's own dtype and units (uint8, uint16, int16 or
-float32) until its batch reaches the device; there `DeviceStep` turns it into what the model reads: float, integer
-dtypes scaled by their range (as torchvision's `to_dtype(..., scale=True)`: uint8 / 255, uint16 / 65535, int16 /
+float32) until its batch reaches the device; there `batches.DeviceStep` turns it into what the model reads: float,
+integer dtypes scaled by their range (as torchvision's `to_dtype(..., scale=True)`: uint8 / 255, uint16 / 65535, int16 /
 32767), normalized per channel with `data.mean` / `data.std`. Batches travel compact (a uint8 batch is a quarter of a
 float32 one) and nothing is stretched per image, so absolute intensities and 16-bit precision reach the model.
 
@@ -9,13 +9,10 @@ A sample that cannot honour the contract raises `SampleError` with one of `REASO
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-
-from mimswin.errors import DataError
 
 # Why a sample was skipped; counted per reason and carried from loader workers to the main process in this order.
 REASONS = ("unreadable image", "wrong channels", "non-finite values", "unsupported pixels", "ambiguous layout",
@@ -92,79 +89,3 @@ def stack_samples(samples: Sequence[torch.Tensor]) -> torch.Tensor:
     """One batch of C x H x W samples, promoted (never truncated) to a common dtype when they differ."""
     dtype = common_dtype([s.dtype for s in samples])
     return torch.stack([promote(s, dtype) for s in samples])
-
-
-class DeviceStep:
-    """Native batch -> model input: to the device, to float (integers scaled by their range), normalized per channel.
-    Checks the channel count, the one place every batch passes."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-        self.channels = len(mean)
-        self._on: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != self.channels:
-            raise DataError(f"data: a batch of shape {tuple(images.shape)} reached the model, which reads "
-                            f"{self.channels} channel(s) (data.channels)")
-        device = torch.device(device)
-        if device not in self._on:
-            self._on[device] = (self.mean.to(device), self.std.to(device))
-        mean, std = self._on[device]
-        return (to_float(images.to(device, non_blocking=True)) - mean) / std
-
-
-def skip_counts(skipped: List[Skipped]) -> torch.Tensor:
-    """Skips per reason (in `REASONS` order), a tensor that crosses DataLoader worker processes."""
-    return torch.tensor([sum(s.reason == reason for s in skipped) for reason in REASONS], dtype=torch.int64)
-
-
-def first_example(skipped: List[Skipped]) -> str:
-    """'' or the first skipped sample, described, for an error that must name a file."""
-    return skipped[0].describe() if skipped else ""
-
-
-def unusable_batch(counts: Dict[str, int], example: str, what: str = "images") -> DataError:
-    """The error for a batch in which no sample could be used: a wrong source or config, not a bad file."""
-    reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items() if n) or "no samples"
-    where = f"; e.g. {example}" if example else ""
-    return DataError(f"data: a whole batch of {what} could not be used ({reasons}){where}; check data.path / "
-                     f"data.shards, data.channels and data.layout")
-
-
-def counts_of(skips: torch.Tensor) -> Dict[str, int]:
-    """A `skip_counts` tensor back to {reason: count} (non-zero ones)."""
-    return {reason: n for reason, n in zip(REASONS, skips.tolist()) if n}
-
-
-class Batch(NamedTuple):
-    """What a loader worker hands over: the usable samples stacked, their labels, skips per reason, one example."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    skips: torch.Tensor
-    example: str
-
-
-def collate_samples(items: Sequence[object]) -> Batch:
-    """Stack the (sample, label) items and count the `Skipped` ones; an empty batch when none is usable."""
-    skipped = [item for item in items if isinstance(item, Skipped)]
-    kept = [item for item in items if not isinstance(item, Skipped)]
-    if not kept:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), skip_counts(skipped), first_example(skipped))
-    images = stack_samples([image for image, _ in kept])
-    labels = torch.tensor([int(label) for _, label in kept], dtype=torch.int64)
-    return Batch(images, labels, skip_counts(skipped), first_example(skipped))
-
-
-def ready_batches(batches: Iterable[Batch], step: Optional[DeviceStep], device: torch.device,
-                  skip_reasons: Counter) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """Worker batches -> (model input, labels) on `device`, counting skips into `skip_reasons`; a batch with no usable
-    sample stops with one error. `step` None: the items are not images (cached features), moved as they are."""
-    for images, labels, skips, example in batches:
-        skip_reasons.update(counts_of(skips))
-        if images.shape[0] == 0:
-            raise unusable_batch(counts_of(skips), example)
-        ready = images.to(device, non_blocking=True) if step is None else step(images, device)
-        yield ready, labels.to(device, non_blocking=True)

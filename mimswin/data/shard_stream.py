@@ -25,7 +25,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from mimswin.data.pixels import Batch, DeviceStep, SampleError, Skipped, collate_samples, ready_batches, stack_samples
+from mimswin.data.batches import Batch, DeviceStep, collate_samples, ready_batches
+from mimswin.data.pixels import SampleError, Skipped, stack_samples
 from mimswin.data.readers import ReadSpec, read_bytes
 from mimswin.data.sampler import sample_seed
 from mimswin.errors import DataError

@@ -1,6 +1,6 @@
 """Augmentations on C x H x W tensors in their own dtype (any channel count, 8/16-bit or float), made in the loader's
 workers: random resized crop + flip for training, resize + center crop for pictures and evaluation. Conversion to
-float and normalization happen later, on the device (`pixels.DeviceStep`). Sizes are (height, width).
+float and normalization happen later, on the device (`batches.DeviceStep`). Sizes are (height, width).
 
 Colour operations (RandAugment, colour jitter) exist for 8-bit RGB only; the configs refuse them for other channel
 counts and a sample of another dtype is skipped with the reason.

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 from torch.utils.data import Dataset
 
-from mimswin.data.pixels import DeviceStep
+from mimswin.data.batches import DeviceStep
 from mimswin.errors import CheckpointError
 from mimswin.eval.metrics import evaluate
 from mimswin.runs.files import atomic_write_bytes

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mimswin.data.batches import DeviceStep
 from mimswin.data.build import device_step
 from mimswin.data.labeled import LabeledData, labeled_pair, rank_loader
-from mimswin.data.pixels import DeviceStep
 from mimswin.data.transforms import eval_transform, pretrain_transform
 from mimswin.eval.classifier import LoadReport, build_classifier, describe_load, encoder_source, input_size
 from mimswin.eval.pooling import ProbeFeatures, ProbeTokens, depth_of

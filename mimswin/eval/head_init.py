@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
-from mimswin.data.pixels import DeviceStep
+from mimswin.data.batches import DeviceStep
 from mimswin.eval.features import extract_features
 from mimswin.eval.logistic import fit_probe, folded
 

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from mimswin.data.batches import DeviceStep
 from mimswin.data.labeled import rank_loader
-from mimswin.data.pixels import DeviceStep
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
