@@ -9,6 +9,7 @@ import torch
 from mimswin.programs.bench import (
     BUILDERS,
     HF_ROWS,
+    LOADER_ROWS,
     PRESETS,
     ROW_NAMES,
     SWIN_ROWS,
@@ -33,15 +34,19 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
     rows = {row.name: row for row in report.rows}
     if not HAVE_TRANSFORMERS:
         assert all(rows[name].images_per_s is None and "not measured" in rows[name].note for name in HF_ROWS)
-    models = [row for row in report.rows if row.name != "loader" and (HAVE_TRANSFORMERS or row.name not in HF_ROWS)]
+    models = [row for row in report.rows
+              if row.name not in LOADER_ROWS and (HAVE_TRANSFORMERS or row.name not in HF_ROWS)]
     for row in models:
         assert row.images_per_s > 0 and row.step_ms > 0 and row.cpu_ms > 0 and row.peak_mem_mb >= 0, row
         assert 0 < row.mfu < 1 and 0 < row.mfu_cpu_time < 1, row
         assert 0.1 < row.loss < 10, row
-    assert rows["loader"].images_per_s > 0
+    for name in LOADER_ROWS:
+        assert rows[name].images_per_s > 0 and "MB/batch moved" in rows[name].note
     simmim, visible = rows["mimswin-simmim-swin"], rows["mimswin-mae-swin"]
     assert simmim.gflops_per_image > 0 and visible.gflops_per_image > 0
     saved = json.loads(out.read_text())
+    assert saved["ratios"]["loader_device_over_model_images_per_s"] == pytest.approx(
+        rows["loader-device"].images_per_s / rows["mimswin-mae"].images_per_s)
     assert [row["name"] for row in saved["rows"]] == list(ROW_NAMES)
     assert saved["ratios"]["swin_visible_over_simmim_images_per_s"] == pytest.approx(
         visible.images_per_s / simmim.images_per_s)
@@ -58,6 +63,7 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
 def test_row_groups_expand_in_order_without_repeats():
     assert select_rows("swin") == list(SWIN_ROWS)
     assert select_rows("loader, vit,mimswin-mae") == ["loader", *VIT_ROWS]
+    assert select_rows("loaders") == ["loader", "loader-device", "loader-device-decode"]
     assert select_rows("all") == list(ROW_NAMES)
 
 

@@ -15,7 +15,7 @@ from mimswin.data.readers import ReadSpec, read_bytes, read_path
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import build_shard_loader, decode_sample, read_shard
 from mimswin.data.sources import ImageFolder
-from mimswin.data.transforms import eval_transform, pretrain_transform
+from mimswin.data.transforms import eval_transform, pretrain_transform, resize
 from mimswin.errors import DataError
 from mimswin.programs.shards import cli as shards_cli
 
@@ -236,3 +236,41 @@ def test_labeled_reading_skips_a_sample_without_a_class_and_says_why():
     image, label = decode_sample(sample, TO_8PX, RGB, 0)
     assert label == -1 and image.dtype == torch.uint8 and image.shape == (3, 8, 8)
     assert decode_sample({**sample, "cls": b"2"}, TO_8PX, RGB, 0, labeled=True)[1] == 2
+
+
+def test_max_side_shrinks_large_images_and_stores_small_ones_byte_for_byte(tmp_path, capsys):
+    """--max-side N: a large JPEG becomes a JPEG of long side N at --quality (the bicubic resize of its pixels), a
+    large 16-bit PNG a uint16 TIFF of the resized values, an RGBA PNG a PNG keeping alpha; small files are untouched."""
+    src = tmp_path / "images" / "a"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((80, 60)))
+    Image.fromarray(smooth).save(src / "big.jpg", quality=95)
+    Image.fromarray(smooth[:20, :30]).save(src / "small.jpg", quality=95)
+    deep = (np.arange(60 * 70, dtype=np.uint16).reshape(60, 70) * 15)
+    Image.fromarray(deep).save(src / "deep.png")
+    Image.fromarray(np.dstack([smooth, np.full((60, 80), 128, np.uint8)])).save(src / "alpha.png")
+    out = tmp_path / "shards"
+    for quality in (50, 95):
+        assert shards_cli([str(tmp_path / "images"), str(out / str(quality)), "--max-side", "40", "--quality",
+                           str(quality), "--no-progress"]) == 0
+        assert "resized 3 of them" in capsys.readouterr().out
+    stored = {q: {s["__key__"]: s for s in read_shard(str(out / str(q) / "train-000000.tar"), None)}
+              for q in (50, 95)}
+    samples = stored[95]
+    assert samples["a/small"]["jpg"] == (src / "small.jpg").read_bytes()
+    big = read_bytes(samples["a/big"]["jpg"], "jpg", ReadSpec(None))
+    assert big.shape == (3, 30, 40) and len(stored[50]["a/big"]["jpg"]) < len(samples["a/big"]["jpg"])
+    expected = resize(read_path(src / "big.jpg", ReadSpec(None)), (30, 40)).float()
+    assert 10 * torch.log10(255 ** 2 / ((big.float() - expected) ** 2).mean()) > 30  # JPEG q95 of the resize
+    deep_stored = read_bytes(samples["a/deep"]["tiff"], "tiff", ReadSpec(None))
+    assert deep_stored.dtype == torch.uint16 and deep_stored.shape == (1, 34, 40)
+    assert torch.equal(deep_stored, resize(read_path(src / "deep.png", ReadSpec(None)), (34, 40)))
+    alpha = read_bytes(samples["a/alpha"]["png"], "png", ReadSpec(None))
+    assert alpha.shape == (4, 30, 40) and torch.equal(alpha[3], torch.full((30, 40), 128, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("args", [["--max-side", "0"], ["--max-side", "64", "--quality", "101"]])
+def test_max_side_and_quality_out_of_range_are_refused(tmp_path, args):
+    with pytest.raises(SystemExit):
+        shards_cli(["embedded", str(tmp_path / "out"), *args])

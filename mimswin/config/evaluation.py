@@ -120,6 +120,9 @@ def check_labeled(cfg: "FinetuneConfig | LinprobeConfig") -> None:
         size_pair(cfg.model.img_size)
     check(pool is None or pool in POOLS, "model.global_pool", f"must be one of {POOLS} or null, got '{pool}'")
     check(0 < cfg.eval_crop_pct <= 1, "eval_crop_pct", f"must be in (0, 1], got {cfg.eval_crop_pct}")
+    for key, default in (("resize", "auto"), ("decode", "worker")):
+        check(getattr(cfg.data, key) == default, f"data.{key}", "is a pretraining setting: evaluation crops, "
+              "augments and decodes in the loader's workers (leave it unset)")
     check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
           "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
     fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class

@@ -10,6 +10,8 @@ from mimswin.errors import ConfigError
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 LAYOUTS = ("auto", "hwc", "chw")
+RESIZE_PLACES = ("auto", "worker", "device")
+DECODE_PLACES = ("worker", "device")
 Size = Tuple[int, int]
 
 
@@ -33,7 +35,9 @@ class DataConfig:
     else the embedded set. `channels`: bands per image (unset: 3 for pretraining, the encoder's for evaluation);
     `layout`: hwc | chw | auto for 3-D .npy arrays; `mean` / `std`: one value per channel, in the loader's units
     (integer pixels divided by their range; `mimswin stats PATH` prints them), unset: the encoder's (evaluation) or
-    ImageNet's (3 channels)."""
+    ImageNet's (3 channels). Pretraining only: `resize` (auto | worker | device) is where its random crops are resized
+    (auto: on the device when it is a GPU, else in the workers); `decode` (worker | device) where JPEGs are decoded
+    (device: the workers only read bytes; needs the resize on the device too)."""
 
     path: Optional[str] = None
     batch_size: int = 64
@@ -49,6 +53,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = False
     samples_per_epoch: Optional[int] = None
+    resize: str = "auto"
+    decode: str = "worker"
 
 
 @dataclass
@@ -122,6 +128,12 @@ def check_sections(data: DataConfig, optim: OptimConfig, train: TrainConfig) -> 
           f"must be [min, max] with 0 < min <= max <= 1, got {data.crop_scale}")
     check(data.channels is None or data.channels >= 1, "data.channels", f"must be >= 1, got {data.channels}")
     check(data.layout in LAYOUTS, "data.layout", f"must be one of {', '.join(LAYOUTS)}, got '{data.layout}'")
+    check(data.resize in RESIZE_PLACES, "data.resize", f"must be one of {', '.join(RESIZE_PLACES)}, got "
+          f"'{data.resize}'")
+    check(data.decode in DECODE_PLACES, "data.decode", f"must be one of {', '.join(DECODE_PLACES)}, got "
+          f"'{data.decode}'")
+    check(data.decode == "worker" or data.resize != "worker", "data.decode",
+          "device decoding cuts and resizes on the device too; set data.resize=device (or auto)")
     check((data.mean is None) == (data.std is None), "data.mean", "give data.mean and data.std together")
     if data.mean is not None and data.std is not None:
         check(len(data.mean) == len(data.std), "data.std", f"{len(data.std)} value(s) for {len(data.mean)} in "

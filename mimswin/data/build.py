@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mimswin.config import DataConfig
 from mimswin.config.sections import Size
 from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
+from mimswin.data.device_crop import DeviceCrop
 from mimswin.data.pixels import Skipped, stack_samples
 from mimswin.data.readers import ReadSpec
 from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
@@ -21,14 +22,21 @@ from mimswin.errors import DataError
 from mimswin.signals import ignore_stop_signals
 
 
-def read_spec(cfg: DataConfig) -> ReadSpec:
-    """How files are read for this config: its channel count and array layout."""
-    return ReadSpec(cfg.channels, cfg.layout)
+def read_spec(cfg: DataConfig, defer_jpeg: bool = False) -> ReadSpec:
+    """How files are read for this config: its channel count and array layout (and whether JPEGs stay undecoded)."""
+    return ReadSpec(cfg.channels, cfg.layout, defer_jpeg)
 
 
-def device_step(cfg: DataConfig) -> DeviceStep:
-    """The config's conversion of native batches to model input (its mean and std, one value per channel)."""
-    return DeviceStep(cfg.mean, cfg.std)
+def device_step(cfg: DataConfig, crop_size: Optional[Size] = None) -> DeviceStep:
+    """The config's conversion of native batches to model input (its mean and std, one value per channel; pending
+    crops resized to `crop_size`)."""
+    return DeviceStep(cfg.mean, cfg.std, crop_size)
+
+
+def resize_on_device(cfg: DataConfig, device: torch.device) -> bool:
+    """Whether pretraining crops are resized on the device: asked for, implied by device decoding, or `auto` on a
+    GPU (on a CPU the workers resize in parallel, while the main process is busy with the model)."""
+    return cfg.resize == "device" or cfg.decode == "device" or (cfg.resize == "auto" and device.type == "cuda")
 
 
 class EpochLoader:
@@ -63,17 +71,18 @@ class EpochLoader:
         return ready_batches(self.loader, self.step, self.device, self.skip_reasons)
 
 
-def image_source(cfg: DataConfig, transform, split: str = "train") -> Dataset:
+def image_source(cfg: DataConfig, transform, split: str = "train", spec: Optional[ReadSpec] = None) -> Dataset:
     """The embedded MNIST-5k split when no path is given, else the image folder at `data.path`."""
     if cfg.path is None:
         return EmbeddedMNIST(split, transform, cfg.channels)
-    return ImageFolder(cfg.path, transform, read_spec(cfg))
+    return ImageFolder(cfg.path, transform, spec or read_spec(cfg))
 
 
 def shard_source(cfg: DataConfig, transform, num_replicas: int, rank: int, seed: int, device: torch.device,
-                 batch_multiple: int = 1, train: bool = True) -> ShardLoader:
+                 batch_multiple: int = 1, train: bool = True, step: Optional[DeviceStep] = None,
+                 spec: Optional[ReadSpec] = None) -> ShardLoader:
     """The shard loader for `data.shards`: training (shuffled, equal steps per rank) or one evaluation pass."""
-    return build_shard_loader(cfg.shards, transform, read_spec(cfg), device_step(cfg), cfg.batch_size,
+    return build_shard_loader(cfg.shards, transform, spec or read_spec(cfg), step or device_step(cfg), cfg.batch_size,
                               cfg.num_workers, num_replicas, rank, seed, device, train=train,
                               resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                               sizes_file=cfg.shard_sizes, samples_per_epoch=cfg.samples_per_epoch,
@@ -82,17 +91,21 @@ def shard_source(cfg: DataConfig, transform, num_replicas: int, rank: int, seed:
 
 def build_pretrain_data(cfg: DataConfig, img_size: Size, num_replicas: int, rank: int, seed: int,
                         device: torch.device, batch_multiple: int = 1) -> Union[EpochLoader, ShardLoader]:
-    """Training loader with MIM augmentations; every rank gets the same number of batches per epoch."""
-    transform = pretrain_transform(img_size, cfg.crop_scale, cfg.hflip)
+    """Training loader with MIM augmentations; every rank gets the same number of batches per epoch. Crops are
+    resized in the workers or, `resize_on_device`, on the device (the workers draw the same boxes and flips)."""
+    on_device = resize_on_device(cfg, device)
+    transform = DeviceCrop(img_size, cfg.crop_scale, cfg.hflip) if on_device else pretrain_transform(
+        img_size, cfg.crop_scale, cfg.hflip)
+    spec, step = read_spec(cfg, cfg.decode == "device"), device_step(cfg, img_size if on_device else None)
     if cfg.shards is not None:
-        return shard_source(cfg, transform, num_replicas, rank, seed, device, batch_multiple)
-    dataset = image_source(cfg, transform)
+        return shard_source(cfg, transform, num_replicas, rank, seed, device, batch_multiple, step=step, spec=spec)
+    dataset = image_source(cfg, transform, spec=spec)
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas, rank, seed,
                                           batch_multiple=batch_multiple)
     if sampler.batches_per_epoch == 0:
         raise DataError(f"data: {len(dataset)} images cannot fill one batch of {cfg.batch_size} x "
                         f"{num_replicas} process(es) x {batch_multiple} accumulation step(s)")
-    return EpochLoader(dataset, sampler, cfg.num_workers, device, device_step(cfg))
+    return EpochLoader(dataset, sampler, cfg.num_workers, device, step)
 
 
 def online_probe_val(cfg: DataConfig, val_path: Optional[str], img_size: Size, train: Dataset,

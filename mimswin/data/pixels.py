@@ -53,9 +53,10 @@ def native_tensor(array: np.ndarray) -> torch.Tensor:
     dtype = NATIVE.get(array.dtype)
     if dtype is None:
         raise SampleError("unsupported pixels", f"pixel type {array.dtype} (read: uint8, uint16, int16, float)")
-    array = np.ascontiguousarray(array)
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
     if not array.flags.writeable:  # e.g. np.asarray of a PIL image: torch tensors must own writable memory
-        array = array.copy()
+        array = array.copy(order="K")  # in its memory order: a C x H x W view of H x W x C pixels stays one memcpy
     if dtype == torch.float32 and not np.isfinite(array).all():
         raise SampleError("non-finite values", "NaN or Inf pixels")
     return torch.from_numpy(array)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import tifffile
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from mimswin.data.device_crop import Encoded
 from mimswin.data.pixels import SampleError, native_tensor
 
 PIL_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm"}
@@ -28,15 +30,20 @@ ARRAY_EXTENSIONS = {".npy"}
 IMAGE_EXTENSIONS = PIL_EXTENSIONS | TIFF_EXTENSIONS | ARRAY_EXTENSIONS
 ALPHA_MODES = ("RGBA", "LA", "PA")
 TIFF_ALPHA = (1, 2)  # tifffile EXTRASAMPLE: ASSOCALPHA, UNASSALPHA
+JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END, JPEG_END_WINDOW = b"\xff\xd9", 1024  # the end-of-image marker, looked for near the end (padding may follow)
+JPEG_MODES = {"L": 1, "RGB": 3}
 
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """What the run reads: `channels` per image (None: as the file has them) and the layout of 3-D `.npy` arrays
-    (`auto`: the end axis whose length is `channels` when only one is, else the axis smaller than both others)."""
+    """What the run reads: `channels` per image (None: as the file has them), the layout of 3-D `.npy` arrays
+    (`auto`: the end axis whose length is `channels` when only one is, else the axis smaller than both others), and
+    whether gray / RGB JPEGs stay undecoded for the device (`defer_jpeg`, `data.decode: device`)."""
 
     channels: Optional[int] = 3
     layout: str = "auto"
+    defer_jpeg: bool = False
 
 
 def pil_array(image: Image.Image) -> Tuple[np.ndarray, bool]:
@@ -90,9 +97,38 @@ def read_tiff(data: bytes) -> Tuple[np.ndarray, bool]:
     raise SampleError("unsupported pixels", f"a TIFF of {array.ndim} axes ({axes}, shape {tuple(array.shape)})")
 
 
+def jpeg_header(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """(channels, height, width) of a gray or RGB JPEG, from its header alone; None for any other file (CMYK JPEGs,
+    other formats, a header PIL cannot parse)."""
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode, (width, height) = image.mode, image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
+        return None
+    return (JPEG_MODES[mode], height, width) if mode in JPEG_MODES else None
+
+
+def read_jpeg(data: bytes, channels: int) -> Optional[np.ndarray]:
+    """A gray or RGB JPEG decoded by torchvision's libjpeg-turbo (the same pixels as PIL's, without PIL's copy into a
+    C x H x W layout: the array is a C x H x W view of the decoder's H x W x C buffer); None when torchvision refuses
+    it (PIL then reads it as before)."""
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                           mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB).numpy()
+    except RuntimeError:
+        return None
+
+
 def decode(data: bytes, ext: str, layout: str = "auto", channels: Optional[int] = None) -> Tuple[np.ndarray, bool]:
     """(C x H x W array in the file's own dtype, last band is alpha) of a file's bytes, by extension."""
     ext = ext.lower() if ext.startswith(".") else f".{ext.lower()}"
+    header = jpeg_header(data)
+    if header is not None:
+        array = read_jpeg(data, header[0])
+        if array is not None:
+            return array, False
     if ext in ARRAY_EXTENSIONS:
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -141,15 +177,20 @@ def match_channels(array: np.ndarray, alpha: bool, channels: Optional[int]) -> n
     return array
 
 
-def read_bytes(data: bytes, ext: str, spec: ReadSpec) -> torch.Tensor:
-    """A file's bytes -> C x H x W tensor in its own dtype, channels matched to `spec`; or `SampleError`."""
+def read_bytes(data: bytes, ext: str, spec: ReadSpec) -> Union[torch.Tensor, Encoded]:
+    """A file's bytes -> C x H x W tensor in its own dtype, channels matched to `spec`; or `SampleError`. With
+    `spec.defer_jpeg`, a gray or RGB JPEG that decodes to `spec.channels` comes back `Encoded` instead."""
+    if spec.defer_jpeg and JPEG_END in data[-JPEG_END_WINDOW:]:  # a truncated file is decoded here, and skipped
+        header = jpeg_header(data)
+        if header is not None and (header[0] == spec.channels or (header[0], spec.channels) == (1, 3)):
+            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), spec.channels, *header[1:])
     array, alpha = decode(data, ext, spec.layout, spec.channels)
     if min(array.shape[1:]) < 1:
         raise SampleError("unsupported pixels", f"an empty image of shape {tuple(array.shape)}")
     return native_tensor(match_channels(array, alpha, spec.channels))
 
 
-def read_path(path: Path, spec: ReadSpec) -> torch.Tensor:
+def read_path(path: Path, spec: ReadSpec) -> Union[torch.Tensor, Encoded]:
     """`read_bytes` of a file on disk (an unreadable file is a `SampleError` too)."""
     try:
         data = Path(path).read_bytes()

@@ -45,8 +45,14 @@ class RandomResizedCrop:
         self.size, self.scale = tuple(size), list(scale)
         self.ratio = [ratio[0] * aspect, ratio[1] * aspect]
 
+    def box(self, height: int, width: int) -> Tuple[int, int, int, int]:
+        """(top, left, height, width) of a crop of an image of this size: torchvision's draws, which read only the
+        size (an empty stand-in of that shape, so a JPEG not yet decoded gets the same box)."""
+        return tuple(T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, height, width), self.scale,
+                                                    self.ratio))
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, height, width = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        top, left, height, width = self.box(*image.shape[-2:])
         return resize(image[..., top:top + height, left:left + width], self.size)
 
 

@@ -20,6 +20,7 @@ from mimswin.errors import ConfigError
 from mimswin.programs.bench.contenders import (
     BUILDERS,
     HF_ROWS,
+    LOADER_ROWS,
     PRESETS,
     ROW_GROUPS,
     ROW_NAMES,
@@ -31,8 +32,8 @@ from mimswin.programs.bench.measure import Report, count_step_flops, run_benchma
 from mimswin.programs.bench.report import format_table
 from mimswin.programs.common import console_entry
 
-__all__ = ["BUILDERS", "HF_ROWS", "PRESETS", "ROW_NAMES", "SWIN_ROWS", "VIT_ROWS", "cli", "count_step_flops", "main",
-           "select_rows"]
+__all__ = ["BUILDERS", "HF_ROWS", "LOADER_ROWS", "PRESETS", "ROW_NAMES", "SWIN_ROWS", "VIT_ROWS", "cli",
+           "count_step_flops", "main", "select_rows"]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -51,6 +52,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model row")
     parser.add_argument("--grad-checkpointing", action="store_true", help="gradient checkpointing in every model row")
     parser.add_argument("--num-workers", type=int, default=2, help="loader row worker processes")
+    parser.add_argument("--data-path", default=None, help="image folder the loader rows read (default: photographs "
+                        "written offline from scikit-image's, the bench extra; else the embedded digits)")
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path ('-' = stdout)")
     return parser.parse_args(argv)
 
@@ -98,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Report:
         setup = Setup(**{**asdict(setup), "decoder_depth": args.decoder_depth,
                          "swin_decoder_depth": args.decoder_depth})
     report = run_benchmark(setup, device, precision, args.steps, args.warmup, rows, args.grad_checkpointing,
-                           args.compile, args.num_workers)
+                           args.compile, args.num_workers, args.data_path)
     print(format_table(report))
     if args.json == "-":
         print(json.dumps(asdict(report), indent=2))

@@ -21,8 +21,10 @@ VIT_ROWS = ("mimswin-mae", "hf-vitmae")
 # hiera_base_224 (beside ViT-B) at 224 px with MAE's q_pool 2; the decoder is the setup's.
 HIERA_ROWS = ("mimswin-mae-hiera", "hf-hiera-mae", "mimswin-hiera-all-units")
 SWIN_ROWS = ("mimswin-simmim-swin", "mimswin-mae-swin", "hf-swin-simmim")
-ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, *HIERA_ROWS, "loader")
-ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "hiera": HIERA_ROWS, "all": ROW_NAMES}
+# The pretraining loader alone: crops resized in the workers, on the device, and JPEGs decoded on the device too.
+LOADER_ROWS = ("loader", "loader-device", "loader-device-decode")
+ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, *HIERA_ROWS, *LOADER_ROWS)
+ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "hiera": HIERA_ROWS, "loaders": LOADER_ROWS, "all": ROW_NAMES}
 HF_ROWS = ("hf-vitmae", "hf-swin-simmim", "hf-hiera-mae")
 # (ratio name, numerator row, denominator row): images/s of the first over the second.
 RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
@@ -30,6 +32,8 @@ RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
           ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim"),
           ("swin_visible_over_hf_simmim", "mimswin-mae-swin", "hf-swin-simmim"),
           ("loader_over_model", "loader", "mimswin-mae"),
+          ("loader_device_over_model", "loader-device", "mimswin-mae"),
+          ("loader_device_decode_over_model", "loader-device-decode", "mimswin-mae"),
           ("hiera_mimswin_over_hf", "mimswin-mae-hiera", "hf-hiera-mae"),
           ("hiera_masked_over_all_units", "mimswin-mae-hiera", "mimswin-hiera-all-units"))
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from mimswin.programs.bench.contenders import BUILDERS, HF_ROWS, RATIOS, ROW_NAMES, Contender, Setup, mimswin_config
+from mimswin.programs.bench.contenders import BUILDERS, HF_ROWS, RATIOS, ROW_NAMES, Contender, Setup
 
 
 @dataclass
@@ -283,38 +283,17 @@ def measure_models(names: Sequence[str], setup: Setup, device: torch.device, pre
     return rows, ceiling
 
 
-def measure_loader(setup: Setup, device: torch.device, steps: int, warmup: int, num_workers: int) -> Row:
-    """Images/s of the pretraining data path alone (embedded MNIST, MAE augmentations, batches on the device)."""
-    from mimswin.config.sections import size_pair
-    from mimswin.data.build import build_pretrain_data
-
-    cfg = mimswin_config(setup)
-    cfg.data.num_workers = num_workers
-    data = build_pretrain_data(cfg.data, size_pair(setup.img_size), 1, 0, 0, device)
-    batches = data.epoch(0)
-    count = min(warmup + steps, data.batches_per_epoch)
-    start = time.perf_counter()
-    for index in range(count):
-        if index == warmup:
-            synchronize(device)
-            start = time.perf_counter()
-        next(batches)
-    synchronize(device)
-    timed = max(1, count - warmup)
-    elapsed = time.perf_counter() - start
-    return Row("loader", images_per_s=setup.batch * timed / elapsed, step_ms=elapsed / timed * 1e3,
-               note=f"embedded MNIST-5k, {num_workers} worker(s)")
-
-
 def run_benchmark(setup: Setup, device: torch.device, precision: str, steps: int, warmup: int,
                   rows: Sequence[str] = ROW_NAMES, grad_checkpointing: bool = False, compile_model: bool = False,
-                  num_workers: int = 2) -> Report:
+                  num_workers: int = 2, data_path: Optional[str] = None) -> Report:
     """Measure every requested row and the GEMM ceiling in this process; rows keep the requested order."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     models = [row for row in rows if row in BUILDERS]
     if importlib.util.find_spec("transformers") is None:
         models = [row for row in models if row not in HF_ROWS]
-    measured = {"loader": measure_loader(setup, device, steps, warmup, num_workers)} if "loader" in rows else {}
+    from mimswin.programs.bench.loader import measure_loaders  # it builds on this module's rows
+
+    measured = measure_loaders(setup, device, steps, warmup, num_workers, rows, data_path)
     model_rows, ceiling = measure_models(models, setup, device, precision, steps, warmup, grad_checkpointing,
                                          compile_model) if models else ([], gemm_ceiling(device, precision))
     measured.update({row.name: row for row in model_rows})
