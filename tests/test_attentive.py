@@ -135,3 +135,8 @@ def test_probe_tokens_are_the_encoders_own_final_tokens():
         torch.testing.assert_close(ProbeTokens(swin, 1)(x), swin.forward_features(x).flatten(1, 2))
     with pytest.raises(ConfigError, match="attentive.blocks"):
         ProbeTokens(swin, 2)  # its two stages have different grids
+
+
+@pytest.mark.parametrize("width,heads", [(192, 12), (64, 8), (96, 12), (100, 10), (7, 7), (768, 12)])
+def test_unset_heads_are_the_most_up_to_twelve_that_divide_the_width(width, heads):
+    assert AttentivePooler(dim=width, num_classes=2).heads == heads

@@ -6,7 +6,7 @@ cosine schedule on cached tokens, once per seed; the result is the mean over see
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from einops import rearrange
@@ -19,6 +19,7 @@ from mimswin.eval.metrics import topk_accuracy
 QUERY_INIT_STD = 0.02
 WARMUP_FRACTION = 0.1
 STD_EPS = 1e-6
+MOST_HEADS = 12
 
 
 class AttentivePooler(nn.Module):
@@ -32,8 +33,9 @@ class AttentivePooler(nn.Module):
     encoder wrote into it, so the result does not depend on the token order.
     """
 
-    def __init__(self, dim: int, num_classes: int, queries: int = 8, heads: int = 12) -> None:
+    def __init__(self, dim: int, num_classes: int, queries: int = 8, heads: Optional[int] = None) -> None:
         super().__init__()
+        heads = heads or default_heads(dim)
         if dim % heads:
             raise ConfigError(f"config key 'attentive.heads': {heads} heads must divide the token width {dim}")
         self.heads, self.scale = heads, (dim // heads) ** -0.5
@@ -88,9 +90,15 @@ def drop_tokens(tokens: torch.Tensor, fraction: float, generator: torch.Generato
     return tokens.gather(1, chosen[..., None].expand(-1, -1, tokens.shape[2]))
 
 
-def train_pooler(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, *, queries: int, heads: int,
-                 lr: float, weight_decay: float, epochs: int, batch_size: int, token_drop: float, seed: int,
-                 min_steps: int = 0, device: torch.device | str = "cpu") -> AttentivePooler:
+def default_heads(dim: int, most: int = MOST_HEADS) -> int:
+    """The most heads, up to `most`, that divide a token width (measured best at 12 on ViT-Tiny's 192)."""
+    return max(h for h in range(1, most + 1) if dim % h == 0)
+
+
+def train_pooler(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, *, queries: int,
+                 heads: Optional[int], lr: float, weight_decay: float, epochs: int, batch_size: int,
+                 token_drop: float, seed: int, min_steps: int = 0,
+                 device: torch.device | str = "cpu") -> AttentivePooler:
     """One pooler trained on cached tokens [N, T, D] (any float dtype; batches are read as float32) with AdamW, the
     cosine schedule, cross-entropy and `token_drop` of each sample's tokens left out, for `epochs` or as many more as
     `min_steps` optimizer steps take (a small labeled subset is a batch or two per epoch); seeded (init, batch order,
