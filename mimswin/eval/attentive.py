@@ -6,6 +6,7 @@ cosine schedule on cached tokens, once per seed; the result is the mean over see
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -149,7 +150,6 @@ def attentive_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.T
         per_seed.append(topk_accuracy(pooler_scores(pooler, val_x, int(hyper["batch_size"])), val_y))
         steps = pooler.steps
     top1 = [r["top1"] for r in per_seed]
-    mean_top1 = sum(top1) / len(top1)
-    spread = (sum((t - mean_top1) ** 2 for t in top1) / max(1, len(top1) - 1)) ** 0.5
-    return {"top1": mean_top1, "top5": sum(r["top5"] for r in per_seed) / len(per_seed), "top1_std": spread,
+    spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
+    return {"top1": statistics.mean(top1), "top5": statistics.mean(r["top5"] for r in per_seed), "top1_std": spread,
             "seed_top1": top1, "steps": steps}

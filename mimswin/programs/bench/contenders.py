@@ -21,8 +21,11 @@ VIT_ROWS = ("mimswin-mae", "hf-vitmae")
 # hiera_base_224 (beside ViT-B) at 224 px with MAE's q_pool 2; the decoder is the setup's.
 HIERA_ROWS = ("mimswin-mae-hiera", "hf-hiera-mae", "mimswin-hiera-all-units")
 SWIN_ROWS = ("mimswin-simmim-swin", "mimswin-mae-swin", "hf-swin-simmim")
-# The pretraining loader alone: crops resized in the workers, on the device, and JPEGs decoded on the device too.
-LOADER_ROWS = ("loader", "loader-device", "loader-device-decode")
+# The pretraining loader alone, row -> (data.resize, data.decode): crops resized in the workers, on the device, and
+# JPEGs decoded on the device too.
+LOADER_PLACES = {"loader": ("worker", "worker"), "loader-device": ("device", "worker"),
+                 "loader-device-decode": ("device", "device")}
+LOADER_ROWS = tuple(LOADER_PLACES)
 ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, *HIERA_ROWS, *LOADER_ROWS)
 ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "hiera": HIERA_ROWS, "loaders": LOADER_ROWS, "all": ROW_NAMES}
 HF_ROWS = ("hf-vitmae", "hf-swin-simmim", "hf-hiera-mae")

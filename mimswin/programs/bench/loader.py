@@ -28,14 +28,11 @@ from mimswin.data.build import build_pretrain_data
 from mimswin.data.device_crop import CropBatch, DeviceCrop, resize_crops
 from mimswin.data.readers import ReadSpec, read_path
 from mimswin.data.transforms import pretrain_transform
-from mimswin.programs.bench.contenders import Setup, mimswin_config
+from mimswin.programs.bench.contenders import LOADER_PLACES, Setup, mimswin_config
 from mimswin.programs.bench.measure import Row, synchronize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 PHOTO_SIZE = (375, 500)  # height, width
-# loader row -> (data.resize, data.decode)
-LOADER_PLACES = {"loader": ("worker", "worker"), "loader-device": ("device", "worker"),
-               "loader-device-decode": ("device", "device")}
 
 
 def have_photos() -> bool:
