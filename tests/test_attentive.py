@@ -133,8 +133,27 @@ def test_probe_tokens_are_the_encoders_own_final_tokens():
         torch.testing.assert_close(both[..., :192], vit.forward_features(x))
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ProbeTokens(swin, 1)(x), swin.forward_features(x).flatten(1, 2))
-    with pytest.raises(ConfigError, match="attentive.blocks"):
-        ProbeTokens(swin, 2)  # its two stages have different grids
+    with pytest.raises(ConfigError, match="attentive.blocks.*different grids"), torch.no_grad():
+        ProbeTokens(swin, 2)(x)  # its two stages have different grids
+
+
+def test_probe_tokens_read_side_by_side_the_stages_that_share_a_grid_whatever_feature_info_says():
+    import timm
+
+    from mimswin.eval.pooling import ProbeTokens
+
+    hiera = timm.create_model("hiera_tiny_224", img_size=32, embed_dim=32, num_heads=1, stages=[1, 2, 3], q_pool=1,
+                              mask_unit_size=[4, 4], mask_unit_attn=[True, False, False], patch_stride=[2, 2],
+                              patch_kernel=[3, 3], patch_padding=[1, 1], num_classes=0).eval()
+    assert len({info["reduction"] for info in hiera.feature_info[-2:]}) == 2, "timm reports two grids"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        both = ProbeTokens(hiera, 2)(x)  # one pooling (q_pool 1): stages 2 and 3 are both 8 x 8
+        last = ProbeTokens(hiera, 1)(x)
+        assert both.shape == (2, 64, 128 + 64)
+        torch.testing.assert_close(both[..., :128], last)
+        with pytest.raises(ConfigError, match="64 / 64 / 256 tokens"):
+            ProbeTokens(hiera, 3)(x)
 
 
 @pytest.mark.parametrize("width,heads", [(192, 12), (64, 8), (96, 12), (100, 10), (7, 7), (768, 12)])

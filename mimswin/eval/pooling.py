@@ -77,17 +77,17 @@ class ProbeTokens(nn.Module):
         if blocks < 1:
             raise ConfigError(f"config key 'attentive.blocks': must be >= 1, got {blocks}")
         blocks = min(blocks, depth_of(model))
-        if not is_token_encoder(model):
-            grids = {info["reduction"] for info in model.feature_info[-blocks:]}
-            if len(grids) > 1:
-                raise ConfigError(f"config key 'attentive.blocks': the last {blocks} stages of "
-                                  f"{type(model).__name__} have different grids; the attentive probe reads one "
-                                  f"(attentive.blocks=1)")
         self.model, self.blocks, self.num_features = model, blocks, sum(block_widths(model, blocks))
         self.features = "tokens"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat(block_tokens(self.model, x, self.blocks), dim=-1)
+        tokens = block_tokens(self.model, x, self.blocks)
+        if len({t.shape[1] for t in tokens}) > 1:  # the maps' own sizes: timm's feature_info reductions can be wrong
+            raise ConfigError(f"config key 'attentive.blocks': the last {self.blocks} stages of "
+                              f"{type(self.model).__name__} have different grids "
+                              f"({' / '.join(str(t.shape[1]) for t in tokens)} tokens); the attentive probe reads "
+                              f"stages of one grid (attentive.blocks=1)")
+        return torch.cat(tokens, dim=-1)
 
 
 def block_tokens(model: nn.Module, x: torch.Tensor, blocks: int) -> List[torch.Tensor]:
