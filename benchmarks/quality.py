@@ -7,6 +7,7 @@ pretraining epochs.
     python benchmarks/quality.py --budget long       # MAE ViT pretrained 4x longer (40 epochs), curve every 5
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
     python benchmarks/quality.py --budget full --seeds 3   # reduced-label columns: mean ± std over 3 label subsets
+    python benchmarks/quality.py --budget full --seeds 3 --skip finetune,curve   # the frozen readouts only
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
 presets and the overrides printed beside it in the JSON, so each one can be reproduced from the command line.
@@ -44,6 +45,7 @@ KNN_K, KNN_T = 20, 0.07
 PIXEL_PATCH = 4  # the tiny ViT's patch
 PIXEL_HEADS = 8  # the attentive probe's heads over 32-wide pixel tokens (its default 12 does not divide 32)
 TIME_KEYS = ("seconds", "attentive_s", "finetune_s")  # a cell's wall times (probe + k-NN, attentive, fine-tune)
+SKIPPABLE = ("finetune", "curve")  # the stages --skip can leave out: the fine-tunes, the probe-vs-epochs curve
 
 
 @dataclass
@@ -94,6 +96,15 @@ BUDGETS = {
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
     "long": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 8, ["train.epochs=40"]),
 }
+
+
+def without_stages(budget: Budget, skip: set) -> Budget:
+    """The budget less the stages named in `skip` (SKIPPABLE): no fine-tunes, no curve checkpoints."""
+    if "finetune" in skip:
+        budget = replace(budget, finetune_fractions=())
+    if "curve" in skip:
+        budget = replace(budget, curve_points=0)
+    return budget
 
 
 def fraction_label(fraction: float) -> str:
@@ -306,14 +317,16 @@ COLUMN_NAMES = {"probe": "linear probe", "knn": "k-NN", "attentive": "attentive 
 
 
 def markdown_table(results: Dict[str, Any], fractions: Sequence[float]) -> str:
-    """One row per method / baseline; columns probe, k-NN, fine-tune at each label fraction (mean ± std over the
-    label seeds where there are several), and wall time."""
+    """One row per method / baseline; columns probe, k-NN, attentive probe, fine-tune (those measured) at each label
+    fraction (mean ± std over the label seeds where there are several), and wall time."""
     labels = [fraction_label(f) for f in fractions]
-    header = ["row"] + [f"{COLUMN_NAMES[c]} {label}" for c in COLUMNS for label in labels] + ["wall s"]
+    columns = [c for c in COLUMNS if any(row.get(label, {}).get(c) is not None for row in results["rows"].values()
+                                         for label in labels)]  # a skipped stage leaves no column
+    header = ["row"] + [f"{COLUMN_NAMES[c]} {label}" for c in columns for label in labels] + ["wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"].values():
         cells = [row["name"]]
-        for column in COLUMNS:
+        for column in columns:
             for label in labels:
                 value, std = row.get(label, {}).get(column), row.get(label, {}).get(f"{column}_std")
                 cells.append("–" if value is None else f"{value:.1f}" + ("" if std is None else f" ± {std:.1f}"))
@@ -359,12 +372,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=None,
                         help="label subsets (and run seeds) each reduced-label column is averaged over; default 1")
+    parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(SKIPPABLE)} "
+                                                    "(the frozen readouts of every row in a fraction of the time)")
     args = parser.parse_args(argv)
     budget = BUDGETS[args.budget]
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         budget = replace(budget, seeds=args.seeds)
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SKIPPABLE):
+        parser.error(f"--skip takes {', '.join(SKIPPABLE)}; got {', '.join(sorted(skip - set(SKIPPABLE)))}")
+    budget = without_stages(budget, skip)
     methods = budget.methods if args.methods is None else tuple(args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
@@ -372,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(budget, args.out)
     bench.results["budget"] = {"name": args.budget, "methods": list(methods), "fractions": list(budget.fractions),
-                               "seeds": budget.seeds,
+                               "seeds": budget.seeds, "skip": sorted(skip),
                                "torch": torch.__version__, "threads": torch.get_num_threads()}
     results = bench.run(methods)
     table = markdown_table(results, budget.fractions)

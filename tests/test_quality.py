@@ -256,3 +256,26 @@ def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
     assert "| MAE ViT |" in table and "raw pixels" in table and " ± " in table and table in done.stdout
     assert "attentive probe 10%" in table
     assert (out / "quality_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_benchmark_skips_the_fine_tunes_and_curve_and_their_columns(tmp_path, monkeypatch):
+    budget = quality.without_stages(quality.BUDGETS["full"], {"finetune", "curve"})
+    assert budget.finetune_fractions == () and budget.curve_points == 0 and budget.fractions == (1.0, 0.1, 0.01)
+    bench = quality.Bench(quality.replace(budget, methods=("mae_vit",), seeds=2), tmp_path)
+    calls = []
+    monkeypatch.setattr(bench, "raw_pixels", lambda: {})
+
+    def pretrain(key, method):
+        bench.results["rows"][key] = {"pretrain_s": 1.0}
+        return tmp_path
+
+    monkeypatch.setattr(bench, "pretrain", pretrain)
+    monkeypatch.setattr(bench, "probe", lambda key, source, fraction, random=False, seed=0, attentive=True:
+                        calls.append(("probe", key, fraction, seed)) or {"probe": 50.0, "knn": 40.0, "attentive": 60.0})
+    monkeypatch.setattr(bench, "finetune", lambda *a, **k: calls.append(("finetune",)) or {"finetune": 90.0})
+    monkeypatch.setattr(bench, "curve", lambda *a: calls.append(("curve",)) or [])
+    results = bench.run(["mae_vit"])
+    assert [c[0] for c in calls] == ["probe"] * 10, "1 + 2 + 2 probes per row (MAE, random init), nothing else"
+    table = quality.markdown_table(results, budget.fractions)
+    assert "attentive probe 1%" in table and "fine-tune" not in table
+    assert "| MAE ViT | 50.0 | 50.0 ± 0.0 |" in table
