@@ -73,7 +73,8 @@ class LogisticConfig:
 @dataclass
 class AttentiveConfig:
     """`mode: attentive`: `queries` learned queries over `heads` heads attend to the tokens of the last `blocks`
-    blocks (ViT; a Swin or Hiera: its last stage), their outputs concatenated, then LayerNorm + Linear; AdamW (`lr`,
+    blocks (ViT; a Swin or Hiera: its last stages whose maps share a grid, side by side), their outputs concatenated,
+    then LayerNorm + Linear; AdamW (`lr`,
     `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches of `batch_size` (more epochs where
     that is under `min_steps` optimizer steps: small labeled subsets), `token_drop` of each sample's tokens left out in
     training; one pooler per seed in `seeds`, the mean reported. `heads` unset: the most heads up to 12 that divide
