@@ -113,6 +113,17 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_heads_that_do_not_divide_the_width_are_a_config_error():
     with pytest.raises(ConfigError, match="attentive.heads"):
         AttentivePooler(dim=10, num_classes=2, heads=4)
+    with pytest.raises(ConfigError, match="attentive.heads"):
+        AttentivePooler(dim=10, num_classes=2, heads=0)
+
+
+def test_zero_heads_are_refused_not_read_as_unset():
+    from mimswin.config import load_config
+    from mimswin.config.evaluation import LinprobeConfig
+
+    assert load_config(LinprobeConfig, ["tiny_linprobe_cpu"], ["checkpoint=x"]).attentive.heads is None
+    with pytest.raises(ConfigError, match="attentive.heads.*must be >= 1, got 0"):
+        load_config(LinprobeConfig, ["tiny_linprobe_cpu"], ["checkpoint=x", "attentive.heads=0"])
 
 
 def test_probe_tokens_are_the_encoders_own_final_tokens():

@@ -74,11 +74,10 @@ class LogisticConfig:
 class AttentiveConfig:
     """`mode: attentive`: `queries` learned queries over `heads` heads attend to the tokens of the last `blocks`
     blocks (ViT; a Swin or Hiera: its last stages whose maps share a grid, side by side), their outputs concatenated,
-    then LayerNorm + Linear; AdamW (`lr`,
-    `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches of `batch_size` (more epochs where
-    that is under `min_steps` optimizer steps: small labeled subsets), `token_drop` of each sample's tokens left out in
-    training; one pooler per seed in `seeds`, the mean reported. `heads` unset: the most heads up to 12 that divide
-    the token width (12 at ViT-Tiny's 192, 8 at a 64-wide Swin stage)."""
+    then LayerNorm + Linear; AdamW (`lr`, `weight_decay`), a cosine schedule over `epochs` of cached tokens in batches
+    of `batch_size` (more epochs where that is under `min_steps` optimizer steps: small labeled subsets), `token_drop`
+    of each sample's tokens left out in training; one pooler per seed in `seeds`, the mean reported. `heads` unset:
+    the most heads up to 12 that divide the token width (12 at ViT-Tiny's 192, 8 at a 64-wide Swin stage)."""
 
     queries: int = 8
     heads: Optional[int] = None
@@ -211,7 +210,7 @@ class LinprobeConfig:
               f"needs one or more strengths >= 0, got {self.logistic.penalties}")
         check(0 <= self.logistic.holdout < 1, "logistic.holdout", f"must be in [0, 1), got {self.logistic.holdout}")
         a = self.attentive
-        for key, value in (("queries", a.queries), ("heads", a.heads or 1), ("blocks", a.blocks),
+        for key, value in (("queries", a.queries), ("heads", 1 if a.heads is None else a.heads), ("blocks", a.blocks),
                            ("epochs", a.epochs), ("batch_size", a.batch_size)):
             check(value >= 1, f"attentive.{key}", f"must be >= 1, got {value}")
         check(a.min_steps >= 0, "attentive.min_steps", f"must be >= 0, got {a.min_steps}")

@@ -36,8 +36,8 @@ class AttentivePooler(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, queries: int = 8, heads: Optional[int] = None) -> None:
         super().__init__()
-        heads = heads or default_heads(dim)
-        if dim % heads:
+        heads = default_heads(dim) if heads is None else heads
+        if heads < 1 or dim % heads:
             raise ConfigError(f"config key 'attentive.heads': {heads} heads must divide the token width {dim}")
         self.heads, self.scale = heads, (dim // heads) ** -0.5
         self.register_buffer("mean", torch.zeros(dim))
