@@ -119,8 +119,6 @@ def device_ready(images: Union[torch.Tensor, CropBatch], labels: torch.Tensor, s
             return step(images, device), labels
         except UndecodableJpegs as err:
             skip_reasons["unreadable image"] += len(err.indices)
-            keep = torch.ones(labels.shape[0], dtype=torch.bool)
-            keep[err.indices] = False
-            images, labels = images.without(err.indices), labels[keep]
+            images, labels = images.without(err.indices), labels[images.kept(err.indices)]
             if images.count == 0:
                 raise unusable_batch({"unreadable image": len(err.indices)}, "") from None

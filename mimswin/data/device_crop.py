@@ -83,10 +83,15 @@ class CropBatch(NamedTuple):
         """Bytes this batch moves to the device: the cuts and the JPEG bytes (boxes and flips are a few bytes)."""
         return self.pixels.numel() * self.pixels.element_size() + self.encoded.numel()
 
-    def without(self, drop: Sequence[int]) -> "CropBatch":
-        """The batch less the samples at `drop`."""
+    def kept(self, drop: Sequence[int]) -> torch.Tensor:
+        """[B] bool: False at the samples in `drop` (to drop the same ones from their labels)."""
         keep = torch.ones(self.count, dtype=torch.bool)
         keep[list(drop)] = False
+        return keep
+
+    def without(self, drop: Sequence[int]) -> "CropBatch":
+        """The batch less the samples at `drop`."""
+        keep = self.kept(drop)
         cut_sizes = self.shapes.prod(dim=1)
         pixels = [part for part, kept in zip(self.pixels.split(cut_sizes.tolist()), keep.tolist()) if kept]
         blobs = [part for part, kept in zip(self.encoded.split(self.lengths.tolist()), keep.tolist()) if kept]
