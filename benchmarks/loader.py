@@ -75,7 +75,7 @@ def main(argv=None) -> None:
         files = image_files(root)
         sample = files[:256]
         rates = per_core_rates(sample, size, scale, mean, std, min(args.batch, len(sample)))
-        moved = bytes_per_sample(sample, size)
+        moved = bytes_per_sample(sample, size, scale)
         print(f"{len(files)} images under {root}, {photo_bytes(sample) / 1e3:.1f} KB per file; crops to {args.size} px,"
               f" scale {scale}; one core (torch threads 1)\n")
         print("| path (one core) | images/s | CPU cost vs baseline | bytes/sample to the device | vs float32 |")
@@ -108,10 +108,10 @@ def shrunk_copy(root: Path, out: Path, max_side: int) -> Path:
     return out
 
 
-def bytes_per_sample(files, size) -> dict:
+def bytes_per_sample(files, size, scale) -> dict:
     """Mean bytes per sample that each path hands to the device."""
     channels, pixels = 3, size[0] * size[1]
-    crop = DeviceCrop(size, (0.2, 1.0), 0.5)
+    crop = DeviceCrop(size, scale, 0.5)
     torch.manual_seed(0)
     cuts = collate_samples([(crop(read_path(p, ReadSpec(3))), 0) for p in files]).images
     jpegs = collate_samples([(crop(read_path(p, ReadSpec(3, defer_jpeg=True))), 0) for p in files]).images

@@ -98,3 +98,14 @@ def test_bad_arguments_are_one_clear_error(args, message, capsys):
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("mimswin: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_rows_alone_write_no_photographs(monkeypatch):
+    from mimswin.programs.bench import loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("photographs written for a run without loader rows")
+
+    monkeypatch.setattr(loader, "write_photos", refuse)
+    monkeypatch.setattr(loader, "have_photos", lambda: True)
+    assert loader.measure_loaders(PRESETS["tiny"], torch.device("cpu"), 1, 0, 0, ["mimswin-mae"]) == {}

@@ -172,6 +172,8 @@ def measure_loaders(setup: Setup, device: torch.device, steps: int, warmup: int,
     on photographs (`data_path`, else written offline; the embedded digits without scikit-image), with the crop
     resized in the workers, on the device, and the JPEGs decoded on the device too."""
     wanted = [row for row in rows if row in LOADER_PLACES]
+    if not wanted:  # model rows only: no photographs to write
+        return {}
     with tempfile.TemporaryDirectory() as tmp:
         folder, what = photo_source(Path(tmp), data_path, setup.batch * (warmup + steps + 1))
         measured = {}
