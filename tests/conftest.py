@@ -28,6 +28,31 @@ def preset_channels(preset: str = TINY_PRESET) -> int:
     return load_config(PretrainConfig, [preset]).data.channels
 
 
+def write_digit_shards(out: Path) -> str:
+    """12 shards of 20 real digits each (PNG + cls) and their sizes.json; the 6th sample of every shard is a corrupt
+    JPEG. Returns the brace pattern of the shards."""
+    import io
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    from mimswin.data.sources import EmbeddedMNIST
+
+    digits = EmbeddedMNIST("val")
+    for s in range(12):
+        with wds.TarWriter(str(out / f"digits-{s:06d}.tar")) as tar:
+            for i in range(s * 20, s * 20 + 20):
+                if i % 20 == 5:
+                    tar.write({"__key__": f"d{i:04d}", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "cls": b"0"})
+                    continue
+                buffer = io.BytesIO()
+                Image.fromarray(digits.images[i].numpy()).save(buffer, format="PNG")
+                tar.write({"__key__": f"d{i:04d}", "png": buffer.getvalue(), "cls": str(digits.labels[i]).encode()})
+    (out / "sizes.json").write_text(json.dumps({f"digits-{s:06d}.tar": 20 for s in range(12)}))
+    return f"{out}/digits-{{000000..000011}}.tar"
+
+
 def pretrain_briefly(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], steps: int,
                      save_every: int) -> tuple:
     """An in-process pretraining run of `steps` steps logging every step; returns (trainer, run dir)."""

@@ -1,4 +1,3 @@
-import io
 import os
 import subprocess
 import sys
@@ -6,11 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
-from conftest import REPO, TINY, run_and_resume
-from PIL import Image
+from conftest import REPO, TINY, run_and_resume, write_digit_shards
 
-from mimswin.data.sources import EmbeddedMNIST
 from mimswin.programs.pretrain import cli
 from mimswin.runs.layout import read_metrics
 
@@ -19,19 +15,7 @@ PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
 
 @pytest.fixture(scope="module")
 def mnist_shards(tmp_path_factory):
-    """12 shards of 20 real digits each; the 6th sample of every shard is a corrupt JPEG."""
-    out = tmp_path_factory.mktemp("shards")
-    digits = EmbeddedMNIST("val")
-    for s in range(12):
-        with wds.TarWriter(str(out / f"digits-{s:06d}.tar")) as tar:
-            for i in range(s * 20, s * 20 + 20):
-                if i % 20 == 5:
-                    tar.write({"__key__": f"d{i:04d}", "jpg": b"\xff\xd8\xff\xe0 not a jpeg", "cls": b"0"})
-                    continue
-                buffer = io.BytesIO()
-                Image.fromarray(digits.images[i].numpy()).save(buffer, format="PNG")
-                tar.write({"__key__": f"d{i:04d}", "png": buffer.getvalue(), "cls": str(digits.labels[i]).encode()})
-    return f"{out}/digits-{{000000..000011}}.tar"
+    return write_digit_shards(tmp_path_factory.mktemp("shards"))
 
 
 def test_two_process_pretraining_on_shards_completes(tmp_path, mnist_shards):
