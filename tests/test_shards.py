@@ -1,13 +1,16 @@
 import io
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers.shard_server import ShardServer
 from PIL import Image
 
+from mimswin.data import shard_stream
 from mimswin.data.batches import DeviceStep
 from mimswin.data.build import EpochLoader
 from mimswin.data.pixels import Skipped
@@ -225,6 +228,76 @@ def test_pipe_urls_stream_the_same_samples_as_local_files(tmp_path):
         assert torch.equal(la, lb) and torch.equal(a, b)
     with pytest.raises(DataError, match="sample counts unknown"):
         shard_loader(piped, AUGMENT, 3, 0, 1, 0, 9)
+
+
+@pytest.fixture
+def id_server(tmp_path, monkeypatch):
+    """Four shards of 12 id samples served over HTTP from this process (no wait before a new try)."""
+    monkeypatch.setattr(shard_stream, "RETRY_DELAY_S", 0.0)
+    write_id_shards(tmp_path / "shards", [12] * 4)
+    with ShardServer(tmp_path / "shards") as server:
+        yield server, server.url("part-{000000..000003}.tar"), str(tmp_path / "shards" / "sizes.json")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// shards with curl, not installed")
+def test_connection_cut_mid_shard_is_read_again_and_the_batches_are_unchanged(id_server, tmp_path):
+    server, url, sizes = id_server
+    for s in range(4):
+        server.drop(f"part-{s:06d}.tar", after=9000)
+    local = shard_loader(f"{tmp_path}/shards/part-{{000000..000003}}.tar", AUGMENT, 4, 0, 1, 0, 3, shuffle_buffer=10)
+    remote = shard_loader(url, AUGMENT, 4, 0, 1, 0, 3, shuffle_buffer=10, sizes_file=sizes, retries=1)
+    for (a, la), (b, lb) in zip(local.epoch(0), remote.epoch(0), strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+    assert remote.skipped == 0 and all(server.requests[f"part-{s:06d}.tar"] == 2 for s in range(4))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// shards with curl, not installed")
+def test_shard_cut_for_good_costs_only_its_samples_not_yet_delivered(id_server):
+    server, url, sizes = id_server
+    server.drop("part-000001.tar", after=20000, times=-1)
+    loader = shard_loader(url, TO_8PX, 5, 0, 1, 0, 0, train=False, sizes_file=sizes, retries=2)
+    seen = ids(loader.epoch(0))
+    delivered = [i for i in seen if 12 <= i < 24]
+    assert sorted(set(seen) - set(delivered)) == sorted(i for i in seen if not 12 <= i < 24) == \
+        [*range(12), *range(24, 48)], "every sample of the other shards, once"
+    assert delivered == list(range(12, 12 + len(delivered))), "what came of the cut shard is its beginning"
+    assert loader.skip_reasons == {"unreadable shard": 12 - len(delivered)}
+    assert server.requests["part-000001.tar"] == 3, "read once and tried again twice"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// shards with curl, not installed")
+def test_every_rank_takes_its_planned_full_batches_when_a_shard_is_cut_for_good(id_server):
+    server, url, sizes = id_server
+    loaders = [shard_loader(url, AUGMENT, 4, 0, 2, rank, 1, shuffle_buffer=10, sizes_file=sizes) for rank in (0, 1)]
+    cut = loaders[0].stream.plan.slot_shards(0, 0)[0]
+    server.drop(f"part-{cut:06d}.tar", after=9000, times=-1)
+    batches = [list(loader.epoch(0)) for loader in loaders]
+    assert [len(b) for b in batches] == [loader.batches_per_epoch for loader in loaders] == [6, 6]
+    assert all(len(labels) == 4 for rank in batches for _, labels in rank), "batches stay full"
+    assert 0 < loaders[0].skip_reasons["unreadable shard"] <= 24, "the cut shard, in each of at most two passes"
+    others = [i for s in loaders[1].stream.plan.slot_shards(0, 0) for i in range(12 * s, 12 * s + 12)]
+    assert sorted(ids(batches[1])) == sorted(others) and loaders[1].skipped == 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// shards with curl, not installed")
+def test_a_server_that_stays_down_stops_training_with_one_line_after_three_passes(id_server):
+    server, url, sizes = id_server
+    for s in range(4):
+        server.drop(f"part-{s:06d}.tar", after=0, times=-1)
+    loader = shard_loader(url, AUGMENT, 4, 0, 2, 1, 0, sizes_file=sizes, retries=1)
+    with pytest.raises(DataError, match=r"^data.shards: no readable sample in 6 shards in a row; the last: "
+                                        r"http://127.0.0.1:\d+/part-\d{6}.tar \(unreadable shard: "):
+        next(iter(loader.epoch(0)))
+    assert sum(server.requests.values()) == 12, "each of the 6 reads tried twice"
+
+
+def test_shards_read_by_a_program_that_is_not_installed_are_a_start_up_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(DataError, match=r"^data.shards: 'http://host/a-000000.tar' is read with 'curl', which is "
+                                        r"not installed \(not on PATH\)$"):
+        shard_loader("http://host/a-{000000..000001}.tar", TO_8PX, 4, 0, 1, 0, 0, samples_per_epoch=8)
+    with pytest.raises(DataError, match="'pipe:aws s3 cp s3://b/a-000000.tar -' is read with 'aws'"):
+        shard_loader("pipe:aws s3 cp s3://b/a-{000000..000001}.tar -", TO_8PX, 4, 0, 1, 0, 0, samples_per_epoch=8)
 
 
 def test_labeled_reading_skips_a_sample_without_a_class_and_says_why():

@@ -50,6 +50,7 @@ class DataConfig:
     std: Optional[List[float]] = None
     shards: Optional[str] = None
     shard_sizes: Optional[str] = None
+    shard_retries: int = 3  # new tries of a remote shard whose stream breaks (after 1, 2, 4 ... s), then skipped
     shuffle_buffer: int = 1000
     resampled: bool = False
     samples_per_epoch: Optional[int] = None
@@ -142,6 +143,7 @@ def check_sections(data: DataConfig, optim: OptimConfig, train: TrainConfig) -> 
         check(data.channels is None or len(data.mean) == data.channels, "data.mean",
               f"{len(data.mean)} value(s) for data.channels={data.channels}; give one value per channel")
     check(data.shards is None or data.path is None, "data.shards", "give data.shards or data.path, not both")
+    check(data.shard_retries >= 0, "data.shard_retries", f"must be >= 0, got {data.shard_retries}")
     check(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
     check(data.samples_per_epoch is None or data.samples_per_epoch > 0, "data.samples_per_epoch",
           f"must be positive, got {data.samples_per_epoch}")

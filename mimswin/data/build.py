@@ -86,7 +86,7 @@ def shard_source(cfg: DataConfig, transform, num_replicas: int, rank: int, seed:
                               cfg.num_workers, num_replicas, rank, seed, device, train=train,
                               resampled=cfg.resampled, shuffle_buffer=cfg.shuffle_buffer,
                               sizes_file=cfg.shard_sizes, samples_per_epoch=cfg.samples_per_epoch,
-                              batch_multiple=batch_multiple)
+                              batch_multiple=batch_multiple, retries=cfg.shard_retries)
 
 
 def build_pretrain_data(cfg: DataConfig, img_size: Size, num_replicas: int, rank: int, seed: int,

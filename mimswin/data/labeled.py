@@ -46,7 +46,7 @@ class LabeledShards:
                                   num_replicas, rank, seed, device, train=train, resampled=cfg.resampled,
                                   shuffle_buffer=cfg.shuffle_buffer, sizes_file=cfg.shard_sizes,
                                   samples_per_epoch=cfg.samples_per_epoch,
-                                  batch_multiple=batch_multiple, labeled=True)
+                                  batch_multiple=batch_multiple, labeled=True, retries=cfg.shard_retries)
 
 
 LabeledData = Union[Dataset, LabeledShards]

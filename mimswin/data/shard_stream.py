@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
+import shutil
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,8 @@ from mimswin.errors import DataError
 from mimswin.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
+RETRY_DELAY_S = 1.0  # before the first new try of a broken remote shard; doubled at each further try
+CURL_SCHEMES = ("http", "https", "sftp", "ftps", "scp")  # the schemes webdataset's gopen reads with curl
 SIZES_FILE = "sizes.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
 CLASSES_FILE = "classes.json"
@@ -56,7 +61,26 @@ def expand_shards(spec: str) -> List[str]:
     if missing:
         raise DataError(f"data.shards: {len(missing)} of {len(urls)} shards of '{spec}' do not exist "
                         f"(first: {missing[0]})")
+    first_url: Dict[Optional[str], str] = {}
+    for url in urls:
+        first_url.setdefault(reader_program(url), url)
+    for program, url in first_url.items():
+        if program is not None and shutil.which(program) is None:
+            raise DataError(f"data.shards: '{url}' is read with '{program}', which is not installed (not on PATH)")
     return urls
+
+
+def reader_program(url: str) -> Optional[str]:
+    """The program a remote shard is read with: curl for http(s) and the like, a `pipe:` command's own program (when
+    it starts with a plain name); None for local files."""
+    if url.startswith("pipe:"):
+        try:
+            words = shlex.split(url[len("pipe:"):])
+        except ValueError:  # unbalanced quotes: the shell will say what is wrong
+            return None
+        return words[0] if words and re.fullmatch(r"[\w.+-]+", words[0]) else None
+    scheme, separator, _ = url.partition("://")
+    return "curl" if separator and scheme in CURL_SCHEMES else None
 
 
 def shard_name(url: str) -> str:
@@ -119,13 +143,44 @@ def shard_classes(urls: Sequence[str], sizes_file: Optional[str] = None) -> List
     return [str(name) for name in classes]
 
 
-def read_shard(url: str, on_error: Callable[[str, Exception], None]) -> Iterator[dict]:
-    """Raw samples (extension -> bytes, plus __key__) of one shard; a read error ends the shard and is reported."""
+def open_shard(url: str) -> Iterator[dict]:
+    """Raw samples (extension -> bytes, plus __key__) of one shard, as one read. A reader stopped early (the consumer
+    has its batches) closes quietly; a stream that fails, at any point until its reader exits, raises."""
+    stream = wds.gopen(url, "rb")
+    complete = False
     try:
-        with wds.gopen(url, "rb") as stream:
-            yield from group_by_keys(dict(file, __url__=url) for file in tar_file_iterator(stream))
-    except Exception as err:  # noqa: BLE001 - any I/O or tar error of one shard must not stop the run
-        on_error(url, err)
+        yield from group_by_keys(dict(file, __url__=url) for file in tar_file_iterator(stream))
+        complete = True
+    finally:
+        if complete:
+            stream.close()  # a pipe's exit status is checked here: curl's 18 (transfer cut short) raises
+        else:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - stopped early or already failed: the status adds nothing
+                pass
+
+
+def read_shard(url: str, on_error: Callable[[str, Exception, int], None], retries: int = 0) -> Iterator[dict]:
+    """Raw samples of one shard. A remote shard whose stream breaks is opened again up to `retries` times (after
+    1, 2, 4 ... s), its samples already read passed over unyielded, so the samples come as if nothing broke; then (at
+    once for a local file) the rest of the shard is given up: `on_error(url, error, samples yielded)`."""
+    read = failures = 0
+    while True:
+        try:
+            for index, sample in enumerate(open_shard(url)):
+                if index >= read:
+                    read += 1
+                    yield sample
+            return
+        except Exception as err:  # noqa: BLE001 - any I/O or tar error of one shard must not stop the run
+            if failures >= retries or is_local(url):
+                on_error(url, err, read)
+                return
+            failures += 1
+            log.warning("shard %s broke after %d sample(s) (%s: %s); reading it again (try %d of %d)", url, read,
+                        type(err).__name__, err, failures, retries)
+            time.sleep(RETRY_DELAY_S * 2 ** (failures - 1))
 
 
 def decode_sample(sample: dict, transform: Callable, spec: ReadSpec, seed: int,
@@ -169,6 +224,7 @@ class ShardPlan:
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 0
     labeled: bool = False
+    retries: int = 0
 
     def shard_order(self, epoch: int, slot: int) -> Iterator[int]:
         """Shard indices this slot reads in `epoch`: its deal of the seeded shuffle (cycled when training) or draws."""
@@ -237,27 +293,34 @@ class ShardBatches(IterableDataset):
 
     def samples(self, epoch: int, slot: int, skip: int, broken: List[Skipped]) -> Iterator[dict]:
         """This slot's raw samples from position `skip` on; whole shards of known size are skipped unopened; a shard
-        that breaks is added to `broken`."""
-        def on_error(url: str, err: Exception) -> None:
-            broken.append(Skipped("unreadable shard", url, f"{type(err).__name__}: {err}"))
-            log.warning("shard %s is unreadable from here on (%s: %s); going on", url, type(err).__name__, err)
-
+        that breaks for good adds to `broken` one skip per sample it still held (one when its size is unknown); the
+        slot reads on into its next shard, so its batches stay full and its batch count holds. Three passes over the
+        slot's shards without a sample (a server that stays down) stop the run."""
         empty_run = 0
+        give_up_after = 3 * (len(self.plan.urls) if self.plan.resampled else len(self.plan.slot_shards(epoch, slot)))
         for index in self.plan.shard_order(epoch, slot):
             size = self.plan.sizes[index]
             if skip and size is not None and size <= skip:
                 skip -= size
                 continue
+
+            def on_error(url: str, err: Exception, done: int, size: Optional[int] = size) -> None:
+                lost = max(1, size - done) if size is not None else 1
+                broken.extend([Skipped("unreadable shard", url, f"{type(err).__name__}: {err}")] * lost)
+                log.warning("shard %s is unreadable after %d sample(s) (%s: %s); skipping its %s remaining sample(s)",
+                            url, done, type(err).__name__, err, lost if size is not None else "unknown number of")
+
             read = 0
-            for sample in read_shard(self.plan.urls[index], on_error):
+            for sample in read_shard(self.plan.urls[index], on_error, self.plan.retries):
                 read += 1
                 if skip:
                     skip -= 1
                     continue
                 yield sample
             empty_run = 0 if read else empty_run + 1
-            if empty_run > 3 * len(self.plan.urls):
-                raise DataError(f"data.shards: no readable sample in {empty_run} shards in a row")
+            if empty_run >= give_up_after:
+                last = f"; the last: {broken[-1].describe()}" if broken else ""
+                raise DataError(f"data.shards: no readable sample in {empty_run} shards in a row{last}")
 
     def shuffled(self, epoch: int, slot: int, first: int, broken: List[Skipped]) -> Iterator[dict]:
         """Samples from output position `first` on, shuffled within windows of `shuffle_buffer` samples.
@@ -341,15 +404,15 @@ def build_shard_loader(spec: str, transform: Callable, read_spec: ReadSpec, step
                        rank: int, seed: int, device: torch.device, *, train: bool = True, resampled: bool = False,
                        shuffle_buffer: int = 1000, sizes_file: Optional[str] = None,
                        samples_per_epoch: Optional[int] = None, batch_multiple: int = 1,
-                       labeled: bool = False) -> ShardLoader:
+                       labeled: bool = False, retries: int = 0) -> ShardLoader:
     """A loader over `spec`. train: shuffled, equal batch count on every rank, resumable. Else one ordered pass over
     every sample exactly once across ranks and workers (the last batch may be short), for evaluation. `labeled`: skip
-    and count samples without a class."""
+    and count samples without a class. `retries`: new tries of a remote shard whose stream breaks."""
     urls = expand_shards(spec)
     sizes = shard_sizes(urls, sizes_file)
     slots = max(1, num_workers)
     plan = ShardPlan(urls, sizes, batch_size, num_replicas, rank, slots, seed, train, resampled and train,
-                     shuffle_buffer, labeled=labeled)
+                     shuffle_buffer, labeled=labeled, retries=retries)
     known = None if None in sizes else sum(s for s in sizes if s is not None)
     if train:
         total = samples_per_epoch or known
@@ -377,11 +440,17 @@ def build_shard_loader(spec: str, transform: Callable, read_spec: ReadSpec, step
 
 
 def shard_preview(spec: str, transform: Callable, read_spec: ReadSpec, count: int) -> torch.Tensor:
-    """The first `count` usable images of the shards in order (in their own dtype), for reconstruction pictures."""
+    """The first `count` usable images of the shards in order (in their own dtype), for reconstruction pictures; a
+    shard that breaks is passed over at once (only the pictures depend on it), a server that is down found fast."""
     images: List[torch.Tensor] = []
     first: Optional[Skipped] = None
+
+    def on_error(url: str, err: Exception, done: int) -> None:
+        nonlocal first
+        first = first or Skipped("unreadable shard", url, f"{type(err).__name__}: {err}")
+
     for url in expand_shards(spec):
-        for sample in read_shard(url, lambda u, e: None):
+        for sample in read_shard(url, on_error):
             item = decode_sample(sample, transform, read_spec, 0)
             if isinstance(item, Skipped):
                 first = first or item
