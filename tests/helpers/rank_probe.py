@@ -1,5 +1,6 @@
 """Run pretraining on one rank of a torchrun job, recording Python-level writes under the run dir per rank and
-dumping this rank's final parameters, so a test can check that ranks agree and only rank 0 writes."""
+dumping this rank's final parameters and its local rank, so a test can check that ranks agree and only rank 0
+writes."""
 
 import os
 import sys
@@ -46,4 +47,5 @@ if __name__ == "__main__":
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"params": params, "writes": writes, "steps": trainer.state.step,
-                "world": trainer.accelerator.num_processes}, out_dir / f"rank{rank}.pt")
+                "world": trainer.accelerator.num_processes, "local_rank": int(os.environ["LOCAL_RANK"])},
+               out_dir / f"rank{rank}.pt")
