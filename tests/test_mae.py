@@ -1,4 +1,5 @@
 import pytest
+import timm
 import torch
 from conftest import TINY_OVERRIDES, TINY_PRESET, norm_pix_mse_by_hand, preset_channels
 from torch import nn
@@ -105,3 +106,14 @@ def test_gradients_reach_encoder_and_decoder_but_not_hidden_pixels(mae):
     per_patch = patchify(pixel_grad.abs(), 4).sum(-1)
     assert torch.all(per_patch[mask.hidden] == 0)
     assert torch.all(per_patch[~mask.hidden] > 0)
+
+
+@pytest.mark.parametrize("preset", ["mae_vit_huge_patch14", "mae_vit_giant_patch14"])
+def test_huge_and_giant_presets_build_the_plain_timm_encoder_with_the_mae_decoder(preset):
+    cfg = load_config(PretrainConfig, [preset])
+    with torch.device("meta"):
+        built = build_method(cfg)
+        plain = timm.create_model(cfg.model.name, pretrained=False)
+    assert built.encoder.model.state_dict().keys() == {k for k in plain.state_dict() if not k.startswith("head.")}
+    assert built.grid == (16, 16) and built.target_px == 14 and built.mask_ratio == 0.75
+    assert built.decoder.embed.out_features == 512 and len(built.decoder.blocks) == 8
