@@ -280,7 +280,7 @@ def test_every_rank_takes_its_planned_full_batches_when_a_shard_is_cut_for_good(
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http:// shards with curl, not installed")
-def test_a_server_that_stays_down_stops_training_with_one_line_after_three_passes(id_server):
+def test_a_server_that_stays_down_stops_training_after_three_passes_naming_the_last_shard(id_server):
     server, url, sizes = id_server
     for s in range(4):
         server.drop(f"part-{s:06d}.tar", after=0, times=-1)
