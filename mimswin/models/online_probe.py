@@ -37,11 +37,14 @@ def probe_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (labels >= 0).sum().clamp_min(1)
 
 
+PROBE_ATTRIBUTE = "online_probe"  # where a method holds its probe: its weights are `online_probe.*` in checkpoints
+
+
 def with_online_probe(method: nn.Module, loss: torch.Tensor, pooled: Callable[[], torch.Tensor],
                       labels: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(the method's loss, plus the probe's zero-valued term when labels are given; the probe's logits, or None
     without a probe). `pooled` gives the encoder's pooled features of this forward, only called with a probe."""
-    probe = getattr(method, "online_probe", None)
+    probe = getattr(method, PROBE_ATTRIBUTE, None)
     if probe is None:
         return loss, None
     logits = probe(pooled())

@@ -19,11 +19,11 @@ from mimswin.config.pretrain import PretrainConfig
 from mimswin.errors import CheckpointError
 from mimswin.models.create import timm_kwargs
 from mimswin.models.factory import build_method
-from mimswin.runs.checkpoint import load_model_weights, read_state
+from mimswin.models.online_probe import PROBE_ATTRIBUTE
+from mimswin.runs.checkpoint import checkpoint_weights, load_state, read_state
 from mimswin.runs.discovery import latest_checkpoint, resolve_checkpoint
 from mimswin.runs.export import export_metadata, read_export
-from mimswin.runs.files import read_safetensors
-from mimswin.runs.layout import CHECKPOINTS, CONFIG, ENCODER, MODEL, STATE
+from mimswin.runs.layout import CHECKPOINTS, CONFIG, ENCODER, STATE
 
 
 class PretrainRun(NamedTuple):
@@ -49,14 +49,16 @@ def find_run_config(checkpoint: Path) -> Path:
 
 
 def load_pretrain_run(path: str | Path) -> PretrainRun:
-    """The model of a run dir or checkpoint dir, weights loaded, in eval mode on CPU."""
+    """The model of a run dir or checkpoint dir, weights loaded, in eval mode on CPU (without the online probe a run
+    may have trained beside it: export and pictures need the method alone)."""
     if Path(path).is_file():
         raise CheckpointError(f"'{path}' is a file; give the run dir or one of its checkpoints/step_* dirs (the whole "
                               "pretraining model and the run's config are needed, not only exported weights)")
     checkpoint = resolve_checkpoint(path)
     cfg = load_config(PretrainConfig, [find_run_config(checkpoint)])
     method = build_method(cfg)
-    load_model_weights(method, checkpoint / MODEL)
+    weights = {k: v for k, v in checkpoint_weights(checkpoint).items() if not k.startswith(f"{PROBE_ATTRIBUTE}.")}
+    load_state(method, weights, f"checkpoint '{checkpoint}'")
     return PretrainRun(cfg, method.eval(), checkpoint)
 
 
@@ -82,7 +84,7 @@ class EncoderWeights:
 
 def _from_checkpoint_dir(path: Path) -> EncoderWeights:
     meta = read_state(path).get("meta", {})
-    weights = read_safetensors(path / MODEL)
+    weights = checkpoint_weights(path)
     if "timm_name" in meta:
         prefix = meta.get("encoder_prefix", "")
         name, kwargs, pixels = meta["timm_name"], meta.get("timm_kwargs", {}), meta
