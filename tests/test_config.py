@@ -92,3 +92,30 @@ def test_colour_augmentation_needs_rgb_and_evaluation_takes_the_encoders_pixels(
     pinned = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["checkpoint=x", "data.channels=3"])
     with pytest.raises(ConfigError, match="'data.channels': 3, but the encoder reads 1 channel"):
         resolve_pixels(pinned.data, 1, [0.1], [0.2])
+
+
+def test_the_old_name_of_activation_checkpointing_still_loads_from_files_and_overrides(tmp_path):
+    old = tmp_path / "old_run_config.yaml"
+    old.write_text("train: {grad_checkpointing: true, epochs: 2}\n")
+    assert load_config(PretrainConfig, ["tiny_mae_vit_cpu", old]).train.activation_checkpointing is True
+    cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], ["train.grad_checkpointing=true"])
+    assert cfg.train.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.strategy=zero3", "must be one of ddp, fsdp"),
+    ("train.mixed_precision=fp16", "fp16 is not supported with train.strategy=fsdp"),
+    ("train.compile=true", "not supported with train.strategy=fsdp"),
+])
+def test_fsdp_settings_it_cannot_serve_are_refused_in_one_line(override, words):
+    extra = [] if override.startswith("train.strategy") else ["train.strategy=fsdp"]
+    with pytest.raises(ConfigError, match=words) as err:
+        load_config(PretrainConfig, ["tiny_mae_vit_cpu"], [*extra, override])
+    assert "\n" not in str(err.value)
+
+
+def test_fine_tuning_ema_under_fsdp_is_refused_in_one_line():
+    from mimswin.config.evaluation import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="ema_decay.*not kept under train.strategy=fsdp"):
+        load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["ema_decay=0.9", "train.strategy=fsdp"])

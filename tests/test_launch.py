@@ -1,32 +1,26 @@
-"""launch/: every accelerate config parses, the FSDP config shards our model per block with the same step as without
-sharding (CPU, gloo), and the SLURM script checkpoints and requeues on the time-limit signal and after preemption."""
+"""launch/: every accelerate config parses, an FSDP launch implies train.strategy=fsdp while DeepSpeed is refused,
+and the SLURM script checkpoints and requeues on the time-limit signal and after preemption."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import timm
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
-from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from fsdp_step import plugin_from  # noqa: E402
-
-from mimswin.errors import ConfigError  # noqa: E402
-from mimswin.train.setup import check_distribution  # noqa: E402
+from mimswin.config import TrainConfig
+from mimswin.errors import ConfigError
+from mimswin.train.setup import FSDP_LAUNCH, check_distribution, make_accelerator
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "launch" / "accelerate"
 SBATCH = REPO / "launch" / "slurm" / "pretrain.sbatch"
 EXPECTED = {"single_gpu": ("NO", 1, 1), "multi_gpu": ("MULTI_GPU", 1, 8), "multi_node": ("MULTI_GPU", 2, 16),
-            "fsdp_vit": ("FSDP", 1, 8), "fsdp_swin": ("FSDP", 1, 8)}
+            "fsdp": ("FSDP", 1, 8)}
 
 
 def test_every_accelerate_config_parses_with_its_topology():
@@ -38,24 +32,12 @@ def test_every_accelerate_config_parses_with_its_topology():
         assert config.use_cpu is False and config.mixed_precision == "bf16"
 
 
-def test_fsdp_swin_config_wraps_each_swin_block():
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=4,
-                              depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1), num_classes=0)
-    policy = fsdp2_prepare_auto_wrap_policy(plugin_from(str(CONFIGS / "fsdp_swin.yaml")), model)
-    assert [name for name, module in model.named_modules() if policy(module)] == [
-        f"layers.{i}.blocks.0" for i in range(4)]
-
-
-def test_fsdp_vit_config_shards_mae_per_block_and_steps_like_unsharded():
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "helpers" / "fsdp_step.py"), str(CONFIGS / "fsdp_vit.yaml")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["world"] == 2
-    assert report["wrapped"] == ["encoder.model.blocks.0", "encoder.model.blocks.1", "decoder.blocks.0"]
-    assert report["sharded"] == pytest.approx(report["reference"], rel=1e-5)
+def test_an_fsdp_launch_implies_the_fsdp_strategy_and_leaves_accelerate_a_plain_launch(monkeypatch, tmp_path):
+    monkeypatch.setenv(FSDP_LAUNCH, "true")  # what `accelerate launch --config_file launch/accelerate/fsdp.yaml` sets
+    train = TrainConfig(output_dir=str(tmp_path), cpu=True)
+    accelerator = make_accelerator(train)
+    assert train.strategy == "fsdp"
+    assert accelerator.distributed_type != DistributedType.FSDP and FSDP_LAUNCH not in os.environ
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
@@ -97,15 +79,13 @@ def wait_for(log: Path, text: str, timeout: float = 20.0) -> None:
     raise AssertionError(f"'{text}' never appeared in the log: {log.read_text() if log.exists() else ''}")
 
 
-@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_training_under_fsdp_or_deepspeed_is_refused_with_one_line_before_any_step(kind):
-    launched = SimpleNamespace(distributed_type=kind)
-    with pytest.raises(ConfigError, match="use DDP .*multi_gpu.yaml") as err:
+def test_a_deepspeed_launch_is_refused_with_one_line_before_any_step():
+    launched = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(ConfigError, match="train.strategy=fsdp") as err:
         check_distribution(launched)
     assert "\n" not in str(err.value)
     ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
     assert check_distribution(ddp) is ddp
-
 
 
 def test_slurm_script_launches_one_accelerate_per_node_with_the_cluster_topology(fake_cluster):

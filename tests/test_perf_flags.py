@@ -118,7 +118,7 @@ def test_fused_adamw_is_the_cuda_and_cpu_default_and_explicit_setting_wins():
 
 
 def test_grad_checkpointing_on_a_model_without_support_is_one_clear_error():
-    with pytest.raises(ConfigError, match="train.grad_checkpointing"):
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         enable_grad_checkpointing(torch.nn.Linear(2, 2))
 
 

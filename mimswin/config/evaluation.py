@@ -159,6 +159,9 @@ class FinetuneConfig:
         check(self.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}, got '{self.head_init}'")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
               f"must be in (0, 1), got {self.ema_decay}")
+        check(self.ema_decay is None or self.train.strategy != "fsdp", "ema_decay",
+              "an EMA of the weights is not kept under train.strategy=fsdp (each rank holds a shard); unset it or "
+              "use train.strategy=ddp")
         check(0 <= self.aug.smoothing < 1, "aug.smoothing", f"must be in [0, 1), got {self.aug.smoothing}")
         check(self.aug.color_jitter is None or self.aug.color_jitter >= 0, "aug.color_jitter",
               f"must be >= 0 or null, got {self.aug.color_jitter}")

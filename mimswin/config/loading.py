@@ -67,6 +67,20 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+# keys that were renamed: configs and run dirs written with the old name keep loading
+RENAMED_KEYS = {"train.grad_checkpointing": "train.activation_checkpointing"}
+
+
+def renamed(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A config mapping with every old key of `RENAMED_KEYS` moved to its new name."""
+    for old, new in RENAMED_KEYS.items():
+        (section, old_key), new_key = old.split("."), new.split(".")[1]
+        values = data.get(section)
+        if isinstance(values, dict) and old_key in values:
+            data[section] = {new_key if k == old_key else k: v for k, v in values.items()}
+    return data
+
+
 def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
@@ -109,11 +123,12 @@ def load_config(
     for preset in presets:
         path = resolve_preset(str(preset))
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(_read_yaml(path)))
+            merged = OmegaConf.merge(merged, OmegaConf.create(renamed(_read_yaml(path))))
         except OmegaConfBaseException as err:
             raise _explain(err, str(path)) from None
     for item in parse_overrides(overrides):
         key, _, raw = item.partition("=")
+        key = RENAMED_KEYS.get(key, key)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

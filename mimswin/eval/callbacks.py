@@ -19,6 +19,7 @@ from mimswin.eval.metrics import evaluate
 from mimswin.runs.files import atomic_write_bytes
 from mimswin.runs.layout import MODEL, STATE, RunDir
 from mimswin.train.loop import Trainer
+from mimswin.train.parallel import gather_state_dict, unwrap
 
 
 def log_record(accelerator: Accelerator, run_dir: RunDir, record: Dict[str, Any]) -> None:
@@ -52,14 +53,14 @@ class EvaluateEachEpoch:
 
     def on_step(self, trainer: Trainer) -> None:
         if self.ema is not None:
-            self.ema.update(trainer.accelerator.unwrap_model(trainer.model), step=trainer.state.step)
+            self.ema.update(unwrap(trainer.accelerator, trainer.model), step=trainer.state.step)
 
     def run(self, trainer: Trainer) -> None:
         if trainer.state.step == self.evaluated_step:
             return
         self.evaluated_step = trainer.state.step
         accelerator = trainer.accelerator
-        model = accelerator.unwrap_model(trainer.model)
+        model = unwrap(accelerator, trainer.model)
         kwargs = self.loader_args
         metrics = {f"val_{k}": v for k, v in evaluate(model, self.val_set, accelerator, **kwargs).items()}
         candidates = [("", model, metrics["val_top1"])]
@@ -72,7 +73,7 @@ class EvaluateEachEpoch:
             if top1 > self.best["top1"]:
                 self.best = {"top1": top1, "step": trainer.state.step, "epoch": trainer.state.epoch,
                              "weights": tag or "model"}
-                save_weights(accelerator, trainer.run_dir.best, weights,
+                save_weights(accelerator, trainer.run_dir.best, gather_state_dict(accelerator, weights),
                              {"step": trainer.state.step, "epoch": trainer.state.epoch, "val_top1": top1,
                               "meta": self.meta})
 
@@ -99,12 +100,12 @@ class EvaluateEachEpoch:
         self.run(trainer)
 
 
-def save_weights(accelerator: Accelerator, directory: Path, model: torch.nn.Module, state: Dict[str, Any]) -> None:
-    """Rank 0 writes `model.safetensors` + `state.json` (with meta naming the architecture): a dir `--from` accepts."""
+def save_weights(accelerator: Accelerator, directory: Path, weights: Optional[Dict[str, torch.Tensor]],
+                 state: Dict[str, Any]) -> None:
+    """Rank 0 writes `weights` (`gather_state_dict`'s: the whole model on rank 0, None elsewhere) as
+    `model.safetensors` + `state.json` (with meta naming the architecture): a dir `--from` accepts."""
     if not accelerator.is_main_process:
         return
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_write_bytes(directory / MODEL, safetensors.torch.save(tensors))
     atomic_write_bytes(directory / STATE, json.dumps(state, indent=1).encode())
-
-

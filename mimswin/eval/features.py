@@ -124,6 +124,9 @@ def open_frozen_run(cfg: "LinprobeConfig", resume: Optional[str] = None, augment
     encoder, kwargs, name, report = probe_encoder(source, cfg)
     accelerator.print(f"{describe_load(name, source, cfg.random_init, report)}; features {encoder.features} of the "
                       f"last {encoder.blocks} block(s), {encoder.num_features} wide")
+    if cfg.train.strategy == "fsdp":
+        accelerator.print("train.strategy=fsdp: the frozen encoder and the probe stay whole on every rank (features "
+                          "are read without gradients; sharding serves pretraining and fine-tuning)")
     return FrozenRun(accelerator, run_dir, checkpoint, train_set, val_set, num_classes,
                      encoder.to(accelerator.device), name, kwargs, plain, device_step(cfg.data))
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from mimswin.data.batches import DeviceStep
 from mimswin.data.labeled import rank_loader
+from mimswin.train.parallel import lockstep
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -38,9 +39,12 @@ def evaluate(model: nn.Module, dataset: Dataset, accelerator: Accelerator, batch
     loader = rank_loader(dataset, batch_size, num_workers, accelerator.process_index, accelerator.num_processes, step,
                          accelerator.device)
     show = progress and accelerator.is_main_process
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+    for (images, labels), real in tqdm(lockstep(loader, accelerator, model), desc="eval", leave=False,
+                                       disable=not show, dynamic_ncols=True):
         with accelerator.autocast():
             logits = model(images).float()
+        if not real:  # a sharded model's extra forward, run so that every rank takes part
+            continue
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum").double()
         totals += torch.cat([loss[None], topk_correct(logits, labels).to(totals.device),
                              torch.tensor([labels.numel()], dtype=torch.float64, device=totals.device)])

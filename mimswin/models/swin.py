@@ -10,6 +10,7 @@ cell visible this is exactly timm's forward (see docs/swin.md).
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -161,6 +162,9 @@ class VisibleSwin(nn.Module):
         self.grid = (img[0] // self.cell_px, img[1] // self.cell_px)
         self.num_cells = self.grid[0] * self.grid[1]
         self.embed_dim, self.num_prefix_tokens = self.model.num_features, 0
+        for stage in self.model.layers:  # each block runs on visible tokens through its own method, which a
+            for block in stage.blocks:  # strategy that shards blocks (FSDP) can gather around like `forward`
+                block.forward_visible = MethodType(visible_block, block)
 
     @property
     def in_chans(self) -> int:
@@ -199,9 +203,9 @@ class VisibleSwin(nn.Module):
             for block in stage.blocks:
                 layout = layouts[index, block.window_size, block.shift_size]
                 if stage.grad_checkpointing and torch.is_grad_enabled():
-                    x = checkpoint(visible_block, block, x, layout, use_reentrant=False)
+                    x = checkpoint(block.forward_visible, x, layout, use_reentrant=False)
                 else:
-                    x = visible_block(block, x, layout)
+                    x = block.forward_visible(x, layout)
             x = x.view(shape)
         tokens = swin.norm(x.reshape(batch, length, -1))
         return EncoderOutput(tokens=tokens, positions=keep, prefix=tokens.new_zeros(batch, 0, tokens.shape[-1]))

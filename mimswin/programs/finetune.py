@@ -30,6 +30,7 @@ from mimswin.eval.head_init import probe_initialised_head
 from mimswin.programs.common import console_entry, parse_eval_args, write_results
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
+from mimswin.train.parallel import parallelize
 from mimswin.train.perf import optimizer_kwargs
 from mimswin.train.setup import plan_steps, record_run, start_run
 
@@ -99,15 +100,16 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     data = train_loader(train_set, cfg.data, accelerator.num_processes, accelerator.process_index, cfg.train.seed,
                         accelerator.device, cfg.train.grad_accum_steps)
     plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+    if ema is not None:
+        ema.module.to(accelerator.device)
+    prepared = parallelize(model, cfg.train, accelerator)
     optimizer = build_optimizer(model, cfg.optim, plan.lr,
                                 layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
                                 **optimizer_kwargs(cfg.optim, accelerator.device))
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
-    if ema is not None:
-        ema.module.to(accelerator.device)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     mixup = build_mixup(cfg, num_classes)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
     meta = {"program": "finetune", "timm_name": name, "timm_kwargs": kwargs, "num_classes": num_classes,
             "mean": cfg.data.mean, "std": cfg.data.std}
     evaluator = EvaluateEachEpoch(val_set, step, cfg.data.batch_size, cfg.data.num_workers, cfg.train.progress, meta,
@@ -120,7 +122,8 @@ def build_finetune(cfg: FinetuneConfig, resume: Optional[str] = None) -> tuple[T
     accelerator.print(f"fine-tuning {name} on {len(train_set)} images, {num_classes} classes: {plan.total_steps} "
                       f"steps, {plan.steps_per_epoch} per epoch, effective batch {plan.effective_batch}, lr "
                       f"{plan.lr:.3g}, layer decay "
-                      f"{cfg.layer_decay}, {accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"{cfg.layer_decay}, {accelerator.num_processes} process(es) on {accelerator.device} "
+                      f"({cfg.train.strategy}), "
                       f"run dir {run_dir.root}")
     return trainer, evaluator
 

@@ -22,6 +22,7 @@ from mimswin.programs.common import console_entry, parse_with_resume, program_pa
 from mimswin.runs.export import export_encoder, pretrained_cfg
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
+from mimswin.train.parallel import gather_state_dict, parallelize, unwrap
 from mimswin.train.perf import apply_model_flags, optimizer_kwargs
 from mimswin.train.setup import plan_steps, record_run, start_run
 from mimswin.train.trackers import log_picture
@@ -36,17 +37,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
 
 
 class PretrainPictures:
-    """Reconstruction grid every `vis_every` steps and at the end, written by rank 0 and sent to the trackers."""
+    """Reconstruction grid every `vis_every` steps and at the end, written by rank 0 and sent to the trackers. Every
+    rank draws it (under FSDP each forward gathers the blocks from all ranks); DDP ranks draw the same picture."""
 
     def __init__(self, cfg: PretrainConfig, images: torch.Tensor) -> None:
         self.cfg, self.images = cfg, images
 
     def draw(self, trainer: Trainer, name: str) -> None:
-        if not trainer.accelerator.is_main_process:
-            return
-        method = trainer.accelerator.unwrap_model(trainer.model)
+        method = unwrap(trainer.accelerator, trainer.model)
         picture = reconstruction_grid(method, self.images.to(trainer.accelerator.device), self.cfg.data.mean,
                                       self.cfg.data.std, self.cfg.vis.bands)
+        if not trainer.accelerator.is_main_process:
+            return
         save_png(picture, trainer.run_dir.pictures / f"{name}.png")
         save_png(picture, trainer.run_dir.picture)
         log_picture(trainer.accelerator, "reconstruction", picture, trainer.state.step)
@@ -59,20 +61,24 @@ class PretrainPictures:
         self.draw(trainer, "final")
 
 
+ENCODER_PREFIX = "encoder.model."
+
+
 class ExportEncoder:
     """At the end, the encoder's timm weights go to encoder.safetensors (rank 0), with the timm name, constructor
-    arguments and pretrained_cfg (input size, channels, mean and std)."""
+    arguments and pretrained_cfg (input size, channels, mean and std). Every rank takes part in gathering them."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if not trainer.accelerator.is_main_process:
+        state = gather_state_dict(trainer.accelerator, trainer.model)
+        if state is None:
             return
         cfg = self.cfg
-        method = trainer.accelerator.unwrap_model(trainer.model)
+        weights = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
         kwargs = encoder_kwargs(cfg)
-        export_encoder(method.encoder.model, trainer.run_dir.encoder, cfg.model.name, kwargs,
+        export_encoder(weights, trainer.run_dir.encoder, cfg.model.name, kwargs,
                        {"method": cfg.method, "step": trainer.state.step,
                         "pretrained_cfg": pretrained_cfg(kwargs, cfg.data.mean, cfg.data.std, f"mimswin_{cfg.method}")})
 
@@ -102,7 +108,7 @@ class OnlineProbeEval:
         self.cfg, self.val_set = cfg, val_set
 
     def read(self, trainer: Trainer) -> None:
-        view = ProbeView(trainer.accelerator.unwrap_model(trainer.model), self.cfg.train.seed)
+        view = ProbeView(unwrap(trainer.accelerator, trainer.model), self.cfg.train.seed)
         result = evaluate(view, self.val_set, trainer.accelerator, self.cfg.data.batch_size, 0,
                           device_step(self.cfg.data))
         log_eval(trainer, {"online_probe_top1": result["top1"]})
@@ -147,16 +153,20 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     data = build_pretrain_data(cfg.data, size, accelerator.num_processes, accelerator.process_index,
                                cfg.train.seed, accelerator.device, cfg.train.grad_accum_steps)
     plan = plan_steps(cfg.train, cfg.optim, cfg.data.batch_size, data.batches_per_epoch, accelerator.num_processes)
-    optimizer = build_optimizer(method, cfg.optim, plan.lr, **optimizer_kwargs(cfg.optim, accelerator.device))
     probing = cfg.online_probe.every > 0
     if probing:
         val_set, num_classes = online_probe_val(cfg.data, cfg.online_probe.val_path, size, data.dataset,
                                                 cfg.online_probe.val_samples)
         method.online_probe = OnlineProbe(method.encoder.embed_dim, num_classes,
                                           torch.Generator().manual_seed(cfg.train.seed))
+    model = parallelize(method, cfg.train, accelerator)
+    probe_params = list(method.online_probe.parameters()) if probing else []
+    optimizer = build_optimizer(method, cfg.optim, plan.lr, exclude=probe_params,
+                                **optimizer_kwargs(cfg.optim, accelerator.device))
+    if probing:
         add_probe_groups(optimizer, method.online_probe, cfg.online_probe.lr / plan.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
-    model, optimizer = accelerator.prepare(method, optimizer)
+    optimizer = accelerator.prepare_optimizer(optimizer)
 
     record_run(accelerator, run_dir, cfg)
     callbacks = [PretrainPictures(cfg, preview_images(cfg.data, size, PREVIEW_COUNT)), ExportEncoder(cfg)]
@@ -171,7 +181,8 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
     accelerator.print(f"pretraining {cfg.method} {cfg.model.name} on {cfg.data.channels}-channel {size[0]}x{size[1]} "
                       f"images: {plan.total_steps} steps, {plan.steps_per_epoch} "
                       f"per epoch, effective batch {plan.effective_batch}, lr {plan.lr:.3g}, "
-                      f"{accelerator.num_processes} process(es) on {accelerator.device}, run dir {run_dir.root}")
+                      f"{accelerator.num_processes} process(es) on {accelerator.device} ({cfg.train.strategy}), "
+                      f"run dir {run_dir.root}")
     return trainer
 
 

@@ -6,7 +6,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from mimswin.errors import CheckpointError
 from mimswin.runs.files import file_sha256, first_line
@@ -41,10 +41,11 @@ def warn_stderr(message: str) -> None:
     print(f"mimswin: warning: {message}", file=sys.stderr)
 
 
-def file_manifest(folder: Path) -> Dict[str, Dict[str, Any]]:
-    """Size and SHA-256 of every file in a checkpoint dir but state.json (which holds this manifest)."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE}
+def file_manifest(folder: Path, files: Optional[Iterable[Path]] = None) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of `files` (default: every file in a checkpoint dir but state.json, which holds this
+    manifest)."""
+    chosen = files if files is not None else (p for p in sorted(folder.iterdir()) if p.is_file() and p.name != STATE)
+    return {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in chosen}
 
 
 def checkpoint_damage(path: Path) -> Optional[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import safetensors
 import safetensors.torch
@@ -21,12 +21,14 @@ from mimswin.runs.files import atomic_write_bytes, read_safetensors
 FORMAT = "mimswin-encoder"
 
 
-def export_encoder(model: torch.nn.Module, path: Path, timm_name: str, timm_kwargs: Dict[str, Any],
-                   extra: Dict[str, Any] | None = None) -> Path:
-    """Write the timm model's state dict with metadata (timm name and constructor kwargs) for rebuilding it."""
+def export_encoder(model: torch.nn.Module | Mapping[str, torch.Tensor], path: Path, timm_name: str,
+                   timm_kwargs: Dict[str, Any], extra: Dict[str, Any] | None = None) -> Path:
+    """Write the timm model's state dict (or the state dict itself, e.g. gathered from FSDP shards) with metadata
+    (timm name and constructor kwargs) for rebuilding it."""
     metadata = {"format": FORMAT, "timm_name": timm_name, "timm_kwargs": json.dumps(timm_kwargs),
                 **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     atomic_write_bytes(Path(path), safetensors.torch.save(tensors, metadata=metadata))
     return Path(path)
 

@@ -2,8 +2,8 @@
 
 A run dir: config.yaml, metrics.jsonl, results.json (evaluation), encoder.safetensors (pretraining), recon/ and
 reconstruction.png (pictures), best/ (evaluation's best weights), export/, visualize/, checkpoints/ holding
-step_XXXXXXXX dirs (model.safetensors, optimizer.pt, rng_<rank>.pt, extra_<name>.safetensors, state.json) and the
-`latest` pointer.
+step_XXXXXXXX dirs (model.safetensors, optimizer.pt, rng_<rank>.pt, extra_<name>.safetensors, state.json; under FSDP
+the shards __<rank>_0.distcp and their index .metadata instead of model and optimizer files) and the `latest` pointer.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ SCALER = "scaler.pt"
 STEP_PREFIX = "step_"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+SHARD_INDEX = ".metadata"  # in a sharded checkpoint dir: DCP's index of every rank's shard files (__<rank>_0.distcp)
+SHARD_SUFFIX = ".distcp"
 
 
 def rng_file(rank: int) -> str:

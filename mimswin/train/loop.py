@@ -20,6 +20,7 @@ from mimswin.runs.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from mimswin.runs.discovery import latest_checkpoint
 from mimswin.runs.layout import RunDir
 from mimswin.signals import EXIT_PREEMPTED, STOP_SIGNALS, Preempted, StopSignals, signal_name
+from mimswin.train.parallel import local_value, sync_gradients
 
 LossFn = Callable[[torch.nn.Module, Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
@@ -89,6 +90,7 @@ class Trainer:
         each stateful callback."""
         saved = load_checkpoint(self.accelerator, path, self.model, self.optimizer)
         self.state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+        self._convert_data_position(saved.get("world_size", self.accelerator.num_processes))
         counts = [self.state.skipped_steps, self.state.nonfinite_in_row, self.state.nonfinite_in_row]
         self._nonfinite = torch.tensor(counts, device=self._nonfinite.device)
         for name, callback in self._stateful_callbacks().items():
@@ -99,6 +101,20 @@ class Trainer:
         self._saved_step = self.state.step
         self.accelerator.print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, "
                                f"batch {self.state.batch_in_epoch})")
+
+    def _convert_data_position(self, saved_world: int) -> None:
+        """A checkpoint of another world size: the same samples of the epoch count as used. Each rank's first b
+        batches of an epoch deal out its first b x batch x world samples, so b becomes b x saved / current batches
+        (exact where that divides; the weights and optimizer state are resharded by DCP or replicated as they are)."""
+        world = self.accelerator.num_processes
+        if saved_world == world:
+            return
+        consumed = self.state.batch_in_epoch * saved_world
+        self.state.batch_in_epoch = consumed // world
+        self.accelerator.print(f"resuming a {saved_world}-process checkpoint on {world} process(es): batch "
+                               f"{consumed // saved_world} of epoch {self.state.epoch} on each of {saved_world} is "
+                               f"batch {self.state.batch_in_epoch} on each of {world}"
+                               + ("" if consumed % world == 0 else f" ({consumed % world} batch(es) seen again)"))
 
     def save(self) -> Path:
         """Checkpoint the current step (once: a step already saved, e.g. just resumed, is not written again)."""
@@ -124,6 +140,7 @@ class Trainer:
         self.scheduler.step_update(self.state.step)
         stepped = None
         with self.accelerator.accumulate(self.model):
+            sync_gradients(self.model, self.accelerator.sync_gradients)
             loss = self.loss_fn(self.model, batch)
             finite = torch.isfinite(loss.detach())
             # A non-finite loss poisons this rank's gradients (x NaN), so the gradient check below, made after DDP has
@@ -145,6 +162,7 @@ class Trainer:
         `found_inf`, as under a GradScaler) and the answer stays a device tensor: no host sync in the step. Others read
         the norm on the host. fp16: the GradScaler skips such steps itself (and lowers its scale)."""
         norm = self.accelerator.clip_grad_norm_(self._run_parameters, self.clip_grad or math.inf)
+        norm = local_value(norm) if norm is not None else None
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if self.accelerator.scaler is not None:
             self.optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -18,12 +19,21 @@ def scaled_lr(cfg: OptimConfig, effective_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, opt: str = "adamw",
-                    layer_decay: float | None = None, **kwargs) -> torch.optim.Optimizer:
-    """timm optimizer; 1-D params and the model's `no_weight_decay()` names get weight decay 0."""
+                    layer_decay: float | None = None, exclude: Iterable[nn.Parameter] = (),
+                    **kwargs) -> torch.optim.Optimizer:
+    """timm optimizer; 1-D params and the model's `no_weight_decay()` names get weight decay 0. Parameters in
+    `exclude` are left out (timm groups trainable parameters only: they are frozen while it builds the groups)."""
     if opt.endswith("adamw") or opt.endswith("adam"):
         kwargs.setdefault("betas", tuple(cfg.betas))
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay,
-                               **kwargs)
+    frozen = [p for p in exclude if p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=cfg.weight_decay, layer_decay=layer_decay,
+                                   **kwargs)
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,

@@ -15,7 +15,7 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     """Turn on every submodule's `set_grad_checkpointing` (timm's switch, also on our decoders); returns how many."""
     switches = [m for m in model.modules() if callable(getattr(m, "set_grad_checkpointing", None))]
     if not switches:
-        raise ConfigError(f"config key 'train.grad_checkpointing': {type(model).__name__} has no module that "
+        raise ConfigError(f"config key 'train.activation_checkpointing': {type(model).__name__} has no module that "
                           "supports gradient checkpointing")
     for module in switches:
         module.set_grad_checkpointing(True)
@@ -24,7 +24,7 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
 
 def apply_model_flags(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Checkpointing, then `nn.Module.compile()` in place, so state_dict keys and attributes stay the model's own."""
-    if cfg.grad_checkpointing:
+    if cfg.activation_checkpointing:
         enable_grad_checkpointing(model)
     if cfg.compile:
         model.compile()

@@ -3,11 +3,13 @@ resume from, config and trackers, and the step / learning-rate plan."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
@@ -19,20 +21,35 @@ from mimswin.runs.layout import RunDir
 from mimswin.train.optim import scaled_lr
 from mimswin.train.trackers import tracker_init_kwargs
 
+FSDP_LAUNCH = "ACCELERATE_USE_FSDP"
+
+
+def launched_with_fsdp() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (launch/accelerate/fsdp.yaml, or --use_fsdp)."""
+    return os.environ.get(FSDP_LAUNCH, "false").lower() in ("1", "true", "yes")
+
 
 def check_distribution(accelerator: Accelerator) -> Accelerator:
-    """Refuse launches the loop cannot serve, before any step: under FSDP the pictures, the encoder export and the
-    optimizer checkpoint would need every rank (they read rank 0's state), so the run would hang or save a shard."""
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"launched with {accelerator.distributed_type.value}, which mimswin cannot train under yet: "
-                          "use DDP (launch/accelerate/multi_gpu.yaml or multi_node.yaml); see docs/scaling.md#fsdp")
+    """Refuse launches the loop cannot serve, before any step: DeepSpeed (FSDP2, `train.strategy=fsdp`, shards the
+    same way)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("launched with DeepSpeed, which mimswin does not train under: use train.strategy=fsdp "
+                          "(launch/accelerate/fsdp.yaml) for a model beyond DDP; see docs/scaling.md#fsdp")
     return accelerator
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """CPU (gloo) when asked or when no GPU exists, so `torchrun --nproc_per_node 2` really runs two ranks on CPU."""
+    """CPU (gloo) when asked or when no GPU exists, so `torchrun --nproc_per_node 2` really runs two ranks on CPU.
+    An FSDP launch sets `train.strategy=fsdp`; accelerate itself then runs as a plain multi-process launch, since the
+    sharding is mimswin's (train/parallel.py), the same on CPU ranks and GPUs."""
+    if launched_with_fsdp():
+        os.environ.pop(FSDP_LAUNCH)
+        cfg.strategy = "fsdp"
+    cpu = cfg.cpu or not torch.cuda.is_available()
+    if restart_count() > 0:
+        join_restarted_job("gloo" if cpu else "nccl")
     return check_distribution(Accelerator(
-        cpu=cfg.cpu or not torch.cuda.is_available(),
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=cfg.log_with or None,
@@ -41,16 +58,37 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     ))
 
 
+def join_restarted_job(backend: str) -> None:
+    """The process group of a job torchrun restarted, formed in a namespace of its own attempt. The workers of every
+    attempt meet in the agent's one store, where the last attempt's addresses are still written: a worker reading
+    them before its peer has replaced them would dial a dead process (seen as 'Gloo connectFullMesh failed ...
+    Connection refused' after a restart)."""
+    if dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"mimswin/attempt_{restart_count()}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
 def check_precision(cfg: TrainConfig) -> None:
     """fp16 needs a GPU (its grad scaler); refused before anything is built."""
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available() and not cfg.cpu:
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU; use bf16 or no on CPU")
 
 
+def restart_count() -> int:
+    """How many times torchrun restarted this job's workers (`torchrun --max-restarts`); 0 on the first start."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def resume_point(accelerator: Accelerator, output_dir: Path, checkpoints: Path,
                  resume: Optional[str]) -> Optional[Path]:
     """The checkpoint a run continues from: with `resume='auto'` the newest intact one under `checkpoints` (None:
-    start fresh), with a path that checkpoint; without `resume`, an output dir holding checkpoints is refused."""
+    start fresh), with a path that checkpoint; without `resume`, an output dir holding checkpoints is refused, unless
+    torchrun restarted the workers: a restarted run resumes by itself."""
+    if resume is None and restart_count() > 0:
+        accelerator.print(f"restart {restart_count()} by torchrun: resuming from the newest intact checkpoint")
+        resume = "auto"
     if resume is None:
         if latest_checkpoint(checkpoints) is not None:
             raise ConfigError(f"train.output_dir '{output_dir}' already holds checkpoints: pass --resume to continue "
@@ -61,7 +99,6 @@ def resume_point(accelerator: Accelerator, output_dir: Path, checkpoints: Path,
     if checkpoint is None:
         accelerator.print(f"--resume: no checkpoint in {checkpoints}; starting fresh")
     return checkpoint
-
 
 
 def start_run(train: TrainConfig, resume: Optional[str] = None) -> Tuple[Accelerator, RunDir, Optional[Path]]:

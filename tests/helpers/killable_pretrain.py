@@ -5,6 +5,8 @@ Usage: killable_pretrain.py WHERE STEP [pretrain args...]; WHERE is one of
   save     while writing optimizer.pt of the checkpoint of step STEP (half a file in `.tmp-step_*`)
   publish  after the checkpoint dir of step STEP is renamed into place, before `latest` names it
   none     never (exits with the program's own code)
+Under torchrun every rank runs it; with KILL_RANK=r in the environment only rank r dies, and only on the job's first
+start (a worker restarted by `torchrun --max-restarts` runs to the end).
 """
 
 import os
@@ -20,21 +22,26 @@ import mimswin.runs.checkpoint as checkpoint  # noqa: E402
 
 
 def die() -> None:
+    chosen = os.environ.get("KILL_RANK")
+    if chosen is not None and (os.environ.get("RANK") != chosen or os.environ.get("TORCHELASTIC_RESTART_COUNT") != "0"):
+        return
     sys.stdout.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_during_step(step: int) -> None:
-    loss = mimswin.programs.pretrain.pretrain_loss
     calls = [0]
 
-    def counting_loss(model, batch):
-        calls[0] += 1
-        if calls[0] == step:  # one micro-batch per step (grad_accum_steps=1)
-            die()
-        return loss(model, batch)
+    def counting(loss):
+        def counting_loss(model, batch):
+            calls[0] += 1
+            if calls[0] == step:  # one micro-batch per step (grad_accum_steps=1)
+                die()
+            return loss(model, batch)
+        return counting_loss
 
-    mimswin.programs.pretrain.pretrain_loss = counting_loss
+    for name in ("pretrain_loss", "probed_pretrain_loss"):  # without and with the online probe
+        setattr(mimswin.programs.pretrain, name, counting(getattr(mimswin.programs.pretrain, name)))
 
 
 def kill_during_save(step: int) -> None:
