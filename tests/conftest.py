@@ -21,6 +21,66 @@ TINY = ["--config", TINY_PRESET, *TINY_OVERRIDES]
 RGB = ["data.channels=3", "data.mean=null", "data.std=null"]  # 3 channels, ImageNet statistics (colour test data)
 
 
+# The multi-rank pretraining run that tests/test_distributed.py and tests/test_fsdp.py share: 6 steps, checkpoints at
+# 3 and 6, pictures and online-probe readings at 3 and 6 (33 probe images: 17 / 16 per rank, uneven on purpose).
+MULTI_RANK_RUN = [*TINY, "train.max_steps=6", "train.log_every=1", "train.save_every=3", "train.vis_every=3",
+                  "train.keep_last=5", "online_probe.every=3", "online_probe.val_samples=33"]
+STRATEGIES = {"ddp": [], "fsdp": ["train.strategy=fsdp"]}  # strategy -> the overrides that select it
+RANK_PROBE = REPO / "tests" / "helpers" / "rank_probe.py"
+
+
+class Job(NamedTuple):
+    """A finished torchrun job: its run dir, per global rank what the rank probe dumped, per agent its console."""
+
+    run: Path
+    ranks: list
+    consoles: list
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_agents(out: Path, agents: list, overrides: list) -> Job:
+    """Start one torchrun agent per entry of `agents` (its launcher arguments) at once, each running the rank probe
+    on MULTI_RANK_RUN in the same run dir; wait for all of them."""
+    import subprocess
+
+    import torch
+
+    run = out / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *agent, str(RANK_PROBE), str(out),
+                               *MULTI_RANK_RUN, *overrides, f"train.output_dir={run}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for agent in agents]
+    consoles = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, console in zip(procs, consoles):
+        assert proc.returncode == 0, console[-3000:]
+    return Job(run, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)], consoles)
+
+
+@pytest.fixture(scope="session")
+def multi_rank_jobs(tmp_path_factory) -> dict:
+    """Per strategy, the same tiny pretraining run as one torchrun agent with 2 ranks and as two agents ("nodes") of
+    1 rank each meeting at a c10d rendezvous on this machine, as two nodes would. Shared by every test that needs
+    them."""
+    import uuid
+
+    jobs = {}
+    for strategy, overrides in STRATEGIES.items():
+        one = launch_agents(tmp_path_factory.mktemp(f"{strategy}_one_agent"),
+                            [["--standalone", "--nproc_per_node", "2"]], overrides)
+        rendezvous = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                      f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex]
+        two = launch_agents(tmp_path_factory.mktemp(f"{strategy}_two_agents"), [rendezvous, rendezvous], overrides)
+        jobs[strategy] = {"one agent": one, "two agents": two}
+    return jobs
+
+
 def preset_channels(preset: str = TINY_PRESET) -> int:
     """Channels a pretraining preset reads (the tiny presets: the embedded digits as they are, one channel)."""
     from mimswin.config import PretrainConfig, load_config

@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import REPO, TINY
+from conftest import MULTI_RANK_RUN, REPO, STRATEGIES
 
 from mimswin.errors import CheckpointError
 from mimswin.programs.export import export_run
@@ -26,10 +26,8 @@ from mimswin.runs.sharded import read_sharded_tensors
 
 HELPERS = REPO / "tests" / "helpers"
 PRETRAIN = REPO / "launch" / "pretrain.py"
-STEPS = 6
-RUN = [*TINY, f"train.max_steps={STEPS}", "train.log_every=1", "train.save_every=3", "train.vis_every=3",
-       "train.keep_last=5", "online_probe.every=3", "online_probe.val_samples=33"]  # 17 / 16 probe images per rank
-FSDP = [*RUN, "train.strategy=fsdp"]
+STEPS = 6  # MULTI_RANK_RUN's steps; it saves at 3 and 6
+FSDP = [*MULTI_RANK_RUN, *STRATEGIES["fsdp"]]
 
 
 def launch(args: list, processes: int = 2, script: Path = PRETRAIN, torchrun: tuple = ("--standalone",),
@@ -63,12 +61,9 @@ def final_state(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """The same tiny pretraining on 2 ranks under FSDP and under DDP (same seed), checkpoints at steps 3 and 6."""
-    root = tmp_path_factory.mktemp("fsdp")
-    for name, args in (("fsdp", FSDP), ("ddp", RUN)):
-        ok(launch([*args, f"train.output_dir={root / name}"]))
-    return {"fsdp": root / "fsdp", "ddp": root / "ddp"}
+def runs(multi_rank_jobs) -> dict:
+    """The run dirs of the shared 2-rank pretraining run under FSDP and under DDP (same seed)."""
+    return {strategy: jobs["one agent"].run for strategy, jobs in multi_rank_jobs.items()}
 
 
 def test_every_family_shards_per_block_and_steps_like_the_whole_model():

@@ -12,6 +12,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from mimswin.programs.pretrain import main  # noqa: E402
+from mimswin.runs.discovery import latest_checkpoint  # noqa: E402
+from mimswin.runs.sharded import read_sharded_tensors  # noqa: E402
+from mimswin.train.parallel import is_sharded, unwrap  # noqa: E402
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -44,8 +47,12 @@ if __name__ == "__main__":
     writes: list = []
     install_write_recorder(run_dir, writes)
     trainer = main(argv)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    model = unwrap(trainer.accelerator, trainer.model)
+    if is_sharded(model):  # each rank holds a shard (and the process group is gone): the whole model as saved
+        whole = read_sharded_tensors(latest_checkpoint(trainer.run_dir.checkpoints))
+        params = torch.cat([whole[name].flatten() for name, _ in model.named_parameters()])
+    else:
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"params": params, "writes": writes, "steps": trainer.state.step,
                 "world": trainer.accelerator.num_processes, "local_rank": int(os.environ["LOCAL_RANK"])},
                out_dir / f"rank{rank}.pt")
