@@ -119,3 +119,9 @@ def test_fine_tuning_ema_under_fsdp_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match="ema_decay.*not kept under train.strategy=fsdp"):
         load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["ema_decay=0.9", "train.strategy=fsdp"])
+
+
+def test_yes_no_on_off_in_an_override_are_words_for_text_keys_and_booleans_for_switches():
+    cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], ["train.mixed_precision=no", "train.progress=off",
+                                                             "train.cpu=yes"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.progress is False and cfg.train.cpu is True

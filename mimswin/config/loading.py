@@ -133,6 +133,8 @@ def load_config(
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+            value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: `train.mixed_precision=no` means "no"
         try:
             merged = OmegaConf.merge(merged, _nested(key, value))
         except OmegaConfBaseException as err:
