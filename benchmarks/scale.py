@@ -5,6 +5,7 @@ parameter, the model state per GPU of ViT-B/L/H/g MAE under DDP and under FSDP a
 
     python benchmarks/scale.py                                   # ~5 min on 2 cores
     python benchmarks/scale.py --models mae_vit_base_patch16 --steps 2
+    python benchmarks/scale.py --losses 200    # the README preset's losses under DDP and FSDP, 2 ranks, same seed
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -95,13 +97,41 @@ def parameter_count(preset: str) -> int:
         return sum(p.numel() for p in build_method(load_config(PretrainConfig, [preset])).parameters())
 
 
+def compare_losses(steps: int) -> Dict[str, float]:
+    """The README preset (tiny_mae_vit_cpu) for `steps` steps on 2 ranks under each strategy, same seed: the largest
+    relative difference of the logged losses over the first 20 steps and over all."""
+    losses = {}
+    for strategy in ("ddp", "fsdp"):
+        with tempfile.TemporaryDirectory() as out:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       str(REPO / "launch" / "pretrain.py"), "--config", "tiny_mae_vit_cpu", f"train.max_steps={steps}",
+                       "train.log_every=1", "train.progress=false", f"train.strategy={strategy}",
+                       "train.save_every=100000", "train.vis_every=100000", f"train.output_dir={out}"]
+            subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            losses[strategy] = [r["loss"] for r in records if "loss" in r]
+    gaps = [abs(f - d) / abs(d) for d, f in zip(losses["ddp"], losses["fsdp"])]
+    first = next((i + 1 for i, gap in enumerate(gaps) if gap > 0), None)
+    result = {"first_20": max(gaps[:20]), "all": max(gaps), "last": gaps[-1], "first_differing_step": first,
+              "final_ddp": losses["ddp"][-1], "final_fsdp": losses["fsdp"][-1]}
+    print(f"tiny_mae_vit_cpu, {steps} steps on 2 ranks, DDP vs FSDP losses: largest relative difference "
+          f"{result['first_20']:.2e} over the first 20 steps, {result['all']:.2e} over all, {result['last']:.2e} at "
+          f"the last (first differing step: {first}); final loss {result['final_ddp']:.4f} / "
+          f"{result['final_fsdp']:.4f}")
+    return result
+
+
 def main(argv: List[str] | None = None) -> Dict[str, Dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one untimed")
     parser.add_argument("--batch", type=int, default=2, help="images per rank")
+    parser.add_argument("--losses", type=int, default=0, metavar="STEPS",
+                        help="instead: compare DDP's and FSDP's losses on the README preset for STEPS steps")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.losses:
+        return {"losses": compare_losses(args.losses)}
     if args.worker:
         preset, strategy, steps, batch = args.worker
         print(json.dumps(worker(preset, strategy, int(steps), int(batch))), flush=True)
