@@ -8,6 +8,7 @@ pretraining epochs.
     python benchmarks/quality.py --budget smoke      # seconds: every stage on a toy model (what the tests run)
     python benchmarks/quality.py --budget full --seeds 3   # reduced-label columns: mean ± std over 3 label subsets
     python benchmarks/quality.py --budget full --seeds 3 --skip finetune,curve   # the frozen readouts only
+    python benchmarks/quality.py --budget quick --pretrain-seeds 3   # every readout: mean ± std over 3 pretrainings
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
 presets and the overrides printed beside it in the JSON, so each one can be reproduced from the command line.
@@ -85,6 +86,7 @@ class Budget:
     low_label_steps: int = 150
     toy: bool = False
     seeds: int = 1
+    pretrain_seeds: int = 1
 
 
 BUDGETS = {
@@ -123,6 +125,20 @@ def seed_overrides(seed: int) -> List[str]:
 
 def seed_tag(seed: int) -> str:
     return f"_seed{seed}" if seed else ""
+
+
+def pretrain_key(key: str, seed: int) -> str:
+    """Where pretraining seed `seed` of row `key` runs and is evaluated; seed 0 keeps the row's own key."""
+    return f"{key}_pretrain{seed}" if seed else key
+
+
+def mean_over_pretrainings(draws: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One row from its evaluations after each pretraining seed: per label fraction, the mean, per-seed values and
+    standard deviation of each readout over the pretraining seeds (each value itself a mean over label seeds)."""
+    if len(draws) == 1:
+        return draws[0]
+    return {label: mean_over_seeds([{k: v for k, v in draw[label].items() if not k.endswith(("_seeds", "_std"))}
+                                    for draw in draws]) for label in draws[0]}
 
 
 def mean_over_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -169,14 +185,15 @@ class Bench:
         (self.out / "quality.json").write_text(json.dumps(self.results, indent=1))
         return {"result": result, "seconds": time.perf_counter() - start}
 
-    def pretrain(self, key: str, method: Method) -> Path:
+    def pretrain(self, key: str, method: Method, seed: int = 0) -> tuple[Path, float]:
+        """Pretraining seed `seed` of a row (`train.seed`; 0 is the preset's own, the only one with curve
+        checkpoints). Returns its run folder and wall seconds."""
         run = self.out / key / "pretrain"
-        extra = [*(TOY[method.arch] if self.budget.toy else []), *self.budget.pretrain]
-        argv = ["--config", method.preset, f"train.output_dir={run}", *extra,
-                *self.curve_overrides(method.preset, extra)]
-        trainer_run = self.call(f"{key}/pretrain", pretrain, "pretrain", argv)
-        self.results["rows"].setdefault(key, {})["pretrain_s"] = trainer_run["seconds"]
-        return run
+        extra = [*(TOY[method.arch] if self.budget.toy else []), *self.budget.pretrain,
+                 *([f"train.seed={seed}"] if seed else [])]
+        curve = self.curve_overrides(method.preset, extra) if seed == 0 else []
+        argv = ["--config", method.preset, f"train.output_dir={run}", *extra, *curve]
+        return run, self.call(f"{key}/pretrain", pretrain, "pretrain", argv)["seconds"]
 
     def probe(self, key: str, source: Path, fraction: float, random: bool = False, seed: int = 0,
               attentive: bool = True) -> Dict[str, Any]:
@@ -257,9 +274,13 @@ class Bench:
         random_done = set()
         for key in methods:
             method = METHODS[key]
-            run = self.pretrain(key, method)
-            row = self.evaluate(key, run, random=False, method=method)
-            self.results["rows"][key].update({"name": method.name, **row})
+            runs = [self.pretrain(pretrain_key(key, seed), method, seed) for seed in range(self.budget.pretrain_seeds)]
+            draws = [self.evaluate(pretrain_key(key, seed), seeded_run, random=False, method=method)
+                     for seed, (seeded_run, _) in enumerate(runs)]
+            run = runs[0][0]  # the preset's own seed: its curve, and the architecture random init shares
+            row = {"name": method.name, "pretrain_s": sum(seconds for _, seconds in runs),
+                   **mean_over_pretrainings(draws)}
+            self.results["rows"][key] = {**row, "pretrain_seeds": draws} if len(draws) > 1 else row
             if self.budget.curve_points:
                 self.results["curves"][key] = self.curve(key, run)
             if method.arch not in random_done:
@@ -372,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=None,
                         help="label subsets (and run seeds) each reduced-label column is averaged over; default 1")
+    parser.add_argument("--pretrain-seeds", type=int, default=1,
+                        help="pretrainings of each method (train.seed 0 .. N-1): each of its readouts is their mean ± "
+                             "std; random init and raw pixels are read once. Default 1")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every method's pretraining (repeatable), e.g. mask.ratio=0.6")
     parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(SKIPPABLE)} "
                                                     "(the frozen readouts of every row in a fraction of the time)")
     args = parser.parse_args(argv)
@@ -380,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.seeds < 1:
             parser.error(f"--seeds must be >= 1, got {args.seeds}")
         budget = replace(budget, seeds=args.seeds)
+    if args.pretrain_seeds < 1:
+        parser.error(f"--pretrain-seeds must be >= 1, got {args.pretrain_seeds}")
+    budget = replace(budget, pretrain_seeds=args.pretrain_seeds, pretrain=[*budget.pretrain, *args.override])
     skip = set(filter(None, args.skip.split(",")))
     if skip - set(SKIPPABLE):
         parser.error(f"--skip takes {', '.join(SKIPPABLE)}; got {', '.join(sorted(skip - set(SKIPPABLE)))}")
@@ -391,10 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(budget, args.out)
     bench.results["budget"] = {"name": args.budget, "methods": list(methods), "fractions": list(budget.fractions),
-                               "seeds": budget.seeds, "skip": sorted(skip),
+                               "seeds": budget.seeds, "pretrain_seeds": budget.pretrain_seeds,
+                               "overrides": args.override, "skip": sorted(skip),
                                "torch": torch.__version__, "threads": torch.get_num_threads()}
     results = bench.run(methods)
     table = markdown_table(results, budget.fractions)
+    if budget.pretrain_seeds > 1:
+        table += (f"\n\nPretrained rows: mean ± std over {budget.pretrain_seeds} pretraining seeds (train.seed 0 .. "
+                  f"{budget.pretrain_seeds - 1}; each reduced-label value a mean over {budget.seeds} label seed(s)); "
+                  "random init and raw pixels: one network, ± over label seeds.")
     (args.out / "quality.json").write_text(json.dumps(results, indent=1))
     (args.out / "quality.md").write_text(table + "\n")
     if results["curves"]:

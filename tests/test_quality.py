@@ -225,10 +225,11 @@ def test_mean_over_seeds_averages_accuracies_sums_times_and_keeps_each_seed():
     assert quality.mean_over_seeds([{"probe": 40.0, "seconds": 2.0}]) == {"probe": 40.0, "seconds": 2.0}
 
 
-def test_quality_benchmark_refuses_fewer_than_one_seed(capsys):
+@pytest.mark.parametrize("option", ["--seeds", "--pretrain-seeds"])
+def test_quality_benchmark_refuses_fewer_than_one_seed(capsys, option):
     with pytest.raises(SystemExit) as stop:
-        quality.main(["--seeds", "0"])
-    assert stop.value.code == 2 and "--seeds must be >= 1, got 0" in capsys.readouterr().err
+        quality.main([option, "0"])
+    assert stop.value.code == 2 and f"{option} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_quality_benchmark_writes_its_table_json_and_plot(tmp_path):
@@ -265,11 +266,7 @@ def test_quality_benchmark_skips_the_fine_tunes_and_curve_and_their_columns(tmp_
     calls = []
     monkeypatch.setattr(bench, "raw_pixels", lambda: {})
 
-    def pretrain(key, method):
-        bench.results["rows"][key] = {"pretrain_s": 1.0}
-        return tmp_path
-
-    monkeypatch.setattr(bench, "pretrain", pretrain)
+    monkeypatch.setattr(bench, "pretrain", lambda key, method, seed=0: (tmp_path, 1.0))
     monkeypatch.setattr(bench, "probe", lambda key, source, fraction, random=False, seed=0, attentive=True:
                         calls.append(("probe", key, fraction, seed)) or {"probe": 50.0, "knn": 40.0, "attentive": 60.0})
     monkeypatch.setattr(bench, "finetune", lambda *a, **k: calls.append(("finetune",)) or {"finetune": 90.0})
@@ -279,3 +276,35 @@ def test_quality_benchmark_skips_the_fine_tunes_and_curve_and_their_columns(tmp_
     table = quality.markdown_table(results, budget.fractions)
     assert "attentive probe 1%" in table and "fine-tune" not in table
     assert "| MAE ViT | 50.0 | 50.0 ± 0.0 |" in table
+
+
+def test_pretrain_seeds_pretrain_each_seed_and_report_every_readout_over_them(tmp_path, monkeypatch):
+    budget = quality.replace(quality.BUDGETS["quick"], fractions=(1.0, 0.1), curve_points=0, seeds=2,
+                             pretrain_seeds=2, pretrain=["mask.ratio=0.6"])
+    bench = quality.Bench(budget, tmp_path)
+    monkeypatch.setattr(bench, "raw_pixels", lambda: {})
+    argvs = []
+
+    def call(key, program, script, argv):
+        """A program's result read from its argv: 80 + 10 x the pretraining seed of the encoder + the label seed."""
+        argvs.append((key, argv))
+        origin = next((a for i, a in enumerate(argv) if argv[i - 1] == "--from"), "")
+        value = 80.0 + 10 * ("_pretrain1" in origin) + ("data.label_seed=1" in argv) - 20 * ("random_init=true" in argv)
+        return {"result": {"last": {"val_top1": value}, "knn_top1": value - 30}, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "call", call)
+    results = bench.run(["mae_vit"])
+    pretrainings = [argv for key, argv in argvs if key.endswith("/pretrain")]
+    assert len(pretrainings) == 2 and "train.seed=1" in pretrainings[1] and "mask.ratio=0.6" in pretrainings[1]
+    assert not any(a.startswith("train.seed") for a in pretrainings[0]), "seed 0 is the preset's own command"
+    sources = {argv[argv.index("--from") + 1] for key, argv in argvs if "--from" in argv}
+    assert sources == {str(tmp_path / "mae_vit/pretrain"), str(tmp_path / "mae_vit_pretrain1/pretrain")}
+    row = results["rows"]["mae_vit"]
+    assert row["pretrain_s"] == 2.0 and len(row["pretrain_seeds"]) == 2
+    assert row["100%"]["probe_seeds"] == [80.0, 90.0] and row["100%"]["finetune"] == 85.0
+    assert row["100%"]["attentive_std"] == pytest.approx(statistics.stdev([80, 90]))
+    assert row["10%"]["probe_seeds"] == [80.5, 90.5], "each pretraining's value is its mean over the label seeds"
+    assert row["pretrain_seeds"][1]["10%"]["knn_seeds"] == [60.0, 61.0]
+    random = results["rows"]["random_vit"]
+    assert random["100%"]["probe"] == 60.0 and "probe_std" not in random["100%"], "random init is one network"
+    assert "| MAE ViT | 85.0 ± 7.1 |" in quality.markdown_table(results, budget.fractions)
