@@ -66,6 +66,11 @@ class EpochLoader:
     def skipped(self) -> int:
         return sum(self.skip_reasons.values())
 
+    @property
+    def source_size(self) -> int:
+        """Samples in the source."""
+        return len(self.dataset)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch, start_batch)
         return ready_batches(self.loader, self.step, self.device, self.skip_reasons)

@@ -392,6 +392,12 @@ class ShardLoader:
     def skipped(self) -> int:
         return sum(self.skip_reasons.values())
 
+    @property
+    def source_size(self) -> Optional[int]:
+        """Samples in all the shards; None when a shard's size is unknown."""
+        sizes = self.stream.plan.sizes
+        return None if None in sizes else sum(s for s in sizes if s is not None)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if start_batch and not self.stream.plan.train:
             raise ValueError("an evaluation pass over shards always starts at batch 0")

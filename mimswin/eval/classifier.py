@@ -14,6 +14,7 @@ from mimswin.config.evaluation import ClassifierConfig, FinetuneConfig, Linprobe
 from mimswin.config.sections import Size, resolve_pixels, size_pair
 from mimswin.errors import CheckpointError, ConfigError
 from mimswin.models.create import create_timm
+from mimswin.runs.export import pretrained_cfg, with_pretrained_cfg
 from mimswin.runs.open import EncoderWeights, read_encoder_weights
 
 HEAD_PREFIXES = ("head.", "fc_norm.")
@@ -97,11 +98,14 @@ def build_classifier(source: EncoderWeights, cfg: ClassifierConfig, num_classes:
                      extra: Dict[str, Any] | None = None) -> tuple[nn.Module, Dict[str, Any], str, LoadReport]:
     """The plain timm classifier of the checkpoint's architecture, with the encoder weights loaded when asked.
 
-    Returns (model, its timm kwargs, its timm name, load report).
+    Returns (model, its timm kwargs, its timm name, load report). Its pretrained_cfg is the encoder's run's (input
+    size, channels, mean and std), so timm's `resolve_model_data_config` reads them.
     """
     name = cfg.name or source.timm_name
     kwargs = {**classifier_kwargs(source, cfg, num_classes), **(extra or {})}
     model = create_classifier(name, kwargs)
+    if source.mean is not None and source.std is not None:
+        with_pretrained_cfg(model, pretrained_cfg(kwargs, source.mean, source.std, "mimswin"))
     report = load_encoder(model, source) if pretrained else LoadReport(sorted(model.state_dict()), [])
     return model, kwargs, name, report
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import List, Optional, Sequence
+import shlex
+import sys
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
@@ -15,11 +17,11 @@ from mimswin.data.build import build_pretrain_data, device_step, online_probe_va
 from mimswin.eval.callbacks import log_eval
 from mimswin.eval.metrics import evaluate
 from mimswin.eval.pictures import reconstruction_grid, save_png
-from mimswin.models.create import encoder_kwargs
 from mimswin.models.factory import build_method
 from mimswin.models.online_probe import OnlineProbe
 from mimswin.programs.common import console_entry, parse_with_resume, program_parser
-from mimswin.runs.export import export_encoder, pretrained_cfg
+from mimswin.runs.card import RunFacts, run_summary
+from mimswin.runs.export import write_run_export
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
 from mimswin.train.parallel import gather_state_dict, parallelize, unwrap
@@ -65,22 +67,27 @@ ENCODER_PREFIX = "encoder.model."
 
 
 class ExportEncoder:
-    """At the end, the encoder's timm weights go to encoder.safetensors (rank 0), with the timm name, constructor
-    arguments and pretrained_cfg (input size, channels, mean and std). Every rank takes part in gathering them."""
+    """At the end, the encoder goes to the run dir as timm's hub folder `encoder/` (config.json, model.safetensors,
+    README.md model card) and as `encoder.safetensors`, with the run's channels, size, mean and std (rank 0). Every
+    rank takes part in gathering the weights (FSDP shards them)."""
 
-    def __init__(self, cfg: PretrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: PretrainConfig, images: Optional[int], command: Optional[str]) -> None:
+        self.cfg, self.images, self.command = cfg, images, command
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    @staticmethod
+    def encoder_weights(trainer: Trainer) -> Optional[Dict[str, torch.Tensor]]:
+        """The encoder's timm state dict on rank 0, None on the others: the one place the end of a run reads it
+        (every rank calls it: under FSDP the whole state is gathered from the shards)."""
         state = gather_state_dict(trainer.accelerator, trainer.model)
         if state is None:
-            return
-        cfg = self.cfg
-        weights = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-        kwargs = encoder_kwargs(cfg)
-        export_encoder(weights, trainer.run_dir.encoder, cfg.model.name, kwargs,
-                       {"method": cfg.method, "step": trainer.state.step,
-                        "pretrained_cfg": pretrained_cfg(kwargs, cfg.data.mean, cfg.data.std, f"mimswin_{cfg.method}")})
+            return None
+        return {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        weights = self.encoder_weights(trainer)
+        if weights is not None:
+            write_run_export(weights, RunFacts(self.cfg, trainer.run_dir.root, trainer.state.step, self.images,
+                                               self.command))
 
 
 class ProbeView(torch.nn.Module):
@@ -142,8 +149,9 @@ def probed_pretrain_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torc
     return model(batch[0], labels=batch[1]).loss
 
 
-def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
-    """Everything a pretraining run needs, wired and (when asked) restored, ready for `fit()`."""
+def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None, command: Optional[str] = None) -> Trainer:
+    """Everything a pretraining run needs, wired and (when asked) restored, ready for `fit()`; `command`: the line
+    that started it, for the model card."""
     accelerator, run_dir, checkpoint = start_run(cfg.train, resume)
 
     set_seed(cfg.train.seed)
@@ -167,12 +175,14 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None) -> Trainer:
         add_probe_groups(optimizer, method.online_probe, cfg.online_probe.lr / plan.lr)
     scheduler = build_scheduler(optimizer, cfg.optim, plan.total_steps, plan.steps_per_epoch)
     optimizer = accelerator.prepare_optimizer(optimizer)
+    preview = preview_images(cfg.data, size, PREVIEW_COUNT)  # unusable data stops here, before config.yaml is written
 
     record_run(accelerator, run_dir, cfg)
-    callbacks = [PretrainPictures(cfg, preview_images(cfg.data, size, PREVIEW_COUNT)), ExportEncoder(cfg)]
+    callbacks = [PretrainPictures(cfg, preview), ExportEncoder(cfg, data.source_size, command)]
     if probing:
         callbacks.append(OnlineProbeEval(cfg, val_set))
-    meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size}
+    meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size,
+            "images": data.source_size, "command": command}
     trainer = Trainer(cfg.train, accelerator, model, optimizer, scheduler, data,
                       probed_pretrain_loss if probing else pretrain_loss, run_dir, plan.total_steps,
                       cfg.optim.clip_grad, callbacks, meta)
@@ -190,10 +200,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Trainer:
     """Parse, build, train. Returns the trainer (its `history` holds the logged metrics)."""
     args, overrides = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, overrides)
-    trainer = build_trainer(cfg, args.resume)
+    command = shlex.join(["mimswin", "pretrain", *(sys.argv[1:] if argv is None else argv)])
+    trainer = build_trainer(cfg, args.resume, command)
     trainer.fit()
-    trainer.accelerator.print(f"done: {trainer.run_dir.root} (encoder: {trainer.run_dir.encoder.name}, "
-                              f"picture: {trainer.run_dir.picture.name})")
+    if trainer.accelerator.is_main_process:
+        print(run_summary(trainer.run_dir))
     return trainer
 
 

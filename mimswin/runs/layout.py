@@ -1,6 +1,7 @@
 """Every file name a run writes or reads, once; and the run directory. Only rank 0 writes there.
 
-A run dir: config.yaml, metrics.jsonl, results.json (evaluation), encoder.safetensors (pretraining), recon/ and
+A run dir: config.yaml, metrics.jsonl, results.json (evaluation), encoder/ (pretraining: timm's hub folder,
+config.json + model.safetensors + README.md) and encoder.safetensors (the same weights in one file), recon/ and
 reconstruction.png (pictures), best/ (evaluation's best weights), export/, visualize/, checkpoints/ holding
 step_XXXXXXXX dirs (model.safetensors, optimizer.pt, rng_<rank>.pt, extra_<name>.safetensors, state.json; under FSDP
 the shards __<rank>_0.distcp and their index .metadata instead of model and optimizer files) and the `latest` pointer.
@@ -19,6 +20,9 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 ENCODER = "encoder.safetensors"
+ENCODER_DIR = "encoder"  # timm's hub folder of the encoder: config.json, model.safetensors, README.md
+FOLDER_CONFIG = "config.json"
+CARD = "README.md"
 PICTURES = "recon"
 PICTURE = "reconstruction.png"
 BEST = "best"
@@ -64,6 +68,7 @@ class RunDir:
     results = property(lambda self: self.root / RESULTS)
     checkpoints = property(lambda self: self.root / CHECKPOINTS)
     encoder = property(lambda self: self.root / ENCODER)
+    encoder_dir = property(lambda self: self.root / ENCODER_DIR)
     pictures = property(lambda self: self.root / PICTURES)
     picture = property(lambda self: self.root / PICTURE)
     best = property(lambda self: self.root / BEST)

@@ -1,12 +1,14 @@
 """Reopen what a run wrote: the whole pretraining model of a run (export, visualize), or the encoder weights of any
 artifact (finetune, linprobe, knn).
 
-Encoder sources: an exported `encoder.safetensors`, a run dir (its export, else its latest checkpoint), or a
-checkpoint dir `checkpoints/step_*` (pretraining: the `encoder.model.` weights; fine-tune/probe runs: their meta).
+Encoder sources: an exported `encoder.safetensors`, a timm hub folder (a run's `encoder/`, `mimswin export --format
+timm`), a run dir (its export, else its latest checkpoint), or a checkpoint dir `checkpoints/step_*` (pretraining: the
+`encoder.model.` weights; fine-tune/probe runs: their meta).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional
@@ -23,7 +25,8 @@ from mimswin.models.online_probe import PROBE_ATTRIBUTE
 from mimswin.runs.checkpoint import checkpoint_weights, load_state, read_state
 from mimswin.runs.discovery import latest_checkpoint, resolve_checkpoint
 from mimswin.runs.export import export_metadata, read_export
-from mimswin.runs.layout import CHECKPOINTS, CONFIG, ENCODER, STATE
+from mimswin.runs.files import read_safetensors
+from mimswin.runs.layout import CHECKPOINTS, CONFIG, ENCODER, ENCODER_DIR, FOLDER_CONFIG, MODEL, STATE
 
 
 class PretrainRun(NamedTuple):
@@ -106,8 +109,20 @@ def _from_checkpoint_dir(path: Path) -> EncoderWeights:
     return EncoderWeights(encoder, name, kwargs, path, pixels.get("mean"), pixels.get("std"))
 
 
+def _from_timm_folder(path: Path) -> EncoderWeights:
+    """A timm hub folder: the architecture and statistics of its config.json, the weights of its model.safetensors."""
+    try:
+        config = json.loads((path / FOLDER_CONFIG).read_text())
+        name, recorded = config["architecture"], config.get("pretrained_cfg", {})
+        kwargs = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "global_pool")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"'{path / FOLDER_CONFIG}' is not a readable timm config ({err})") from None
+    weights = read_safetensors(path / MODEL, "exported encoder")
+    return EncoderWeights(weights, name, kwargs, path, recorded.get("mean"), recorded.get("std"))
+
+
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
-    """Encoder weights and architecture of an exported file, a run dir or a checkpoint dir."""
+    """Encoder weights and architecture of an exported file, a timm folder, a run dir or a checkpoint dir."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"--from '{path}' does not exist")
@@ -117,10 +132,15 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
         return EncoderWeights(weights, name, kwargs, path, recorded.get("mean"), recorded.get("std"))
     if (path / STATE).is_file():
         return _from_checkpoint_dir(path)
+    if (path / FOLDER_CONFIG).is_file():
+        return _from_timm_folder(path)
     if (path / ENCODER).is_file():
         return read_encoder_weights(path / ENCODER)
+    if (path / ENCODER_DIR / FOLDER_CONFIG).is_file():
+        return _from_timm_folder(path / ENCODER_DIR)
     checkpoint = latest_checkpoint(path / CHECKPOINTS) if (path / CHECKPOINTS).is_dir() else None
     if checkpoint is None:
-        raise CheckpointError(f"--from '{path}' is neither an exported encoder, a run dir (encoder.safetensors or "
-                              "checkpoints/step_*) nor a checkpoint dir (state.json)")
+        raise CheckpointError(f"--from '{path}' is neither an exported encoder (encoder.safetensors or a timm folder), "
+                              "a run dir (encoder/, encoder.safetensors or checkpoints/step_*) nor a checkpoint dir "
+                              "(state.json)")
     return _from_checkpoint_dir(checkpoint)
