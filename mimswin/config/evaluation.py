@@ -105,10 +105,12 @@ def check_subset_size(fraction: Optional[float], per_class: Optional[int]) -> No
 @dataclass
 class LabeledDataConfig(DataConfig):
     """Pretraining's data section; labeled webdataset shards give the train split in `shards` and the validation split
-    in `val_shards` (class names from the classes.json `mimswin shards` writes beside them).
+    in `val_shards` (class names from the classes.json `mimswin shards` writes beside them); a `data.hf` dataset its
+    train split in `hf_split` and the validation split in `hf_val_split` (unset: validation, val or test).
     `label_fraction` / `labels_per_class`: train on a seeded (`label_seed`), class-balanced labeled subset only."""
 
     val_shards: Optional[str] = None
+    hf_val_split: Optional[str] = None
     label_fraction: Optional[float] = None
     labels_per_class: Optional[int] = None
     label_seed: int = 0
@@ -124,12 +126,14 @@ def check_labeled(cfg: "FinetuneConfig | LinprobeConfig") -> None:
     for key, default in (("resize", "auto"), ("decode", "worker")):
         check(getattr(cfg.data, key) == default, f"data.{key}", "is a pretraining setting: evaluation crops, "
               "augments and decodes in the loader's workers (leave it unset)")
+    check(not cfg.data.hf_streaming, "data.hf_streaming", "evaluation reads data.hf map-style (random access for "
+          "subsets and cached features); leave it unset")
     check((cfg.data.shards is None) == (cfg.data.val_shards is None), "data.val_shards",
           "labeled shards need both splits: data.shards (train) and data.val_shards (validation)")
     fraction, per_class = cfg.data.label_fraction, cfg.data.labels_per_class
     check_subset_size(fraction, per_class)
     check((fraction is None and per_class is None) or cfg.data.shards is None, "data.label_fraction",
-          "labeled subsets need a map-style source (the embedded set or an image folder), not data.shards")
+          "labeled subsets need a map-style source (the embedded set, an image folder or data.hf), not data.shards")
     check_sections(cfg.data, cfg.optim, cfg.train)
 
 

@@ -106,8 +106,8 @@ class PretrainConfig:
         check(probe.every >= 0, "online_probe.every", f"must be >= 0 steps (0: off), got {probe.every}")
         check(probe.val_samples >= 1, "online_probe.val_samples", f"must be >= 1, got {probe.val_samples}")
         check(probe.lr > 0, "online_probe.lr", f"must be > 0, got {probe.lr}")
-        check(not probe.every or self.data.shards is None, "online_probe.every",
-              "the online probe reads the embedded set or class folders (data.path), not data.shards")
+        check(not probe.every or (self.data.shards is None and self.data.hf is None), "online_probe.every",
+              "the online probe reads the embedded set or class folders (data.path), not data.shards or data.hf")
         check(not probe.every or self.data.path is None or probe.val_path is not None, "online_probe.val_path",
               "the online probe of an image folder needs a validation folder with the same class subfolders")
         size_pair(self.model.img_size)

@@ -38,7 +38,10 @@ class DataConfig:
     (integer pixels divided by their range; `mimswin stats PATH` prints them), unset: the encoder's (evaluation) or
     ImageNet's (3 channels). Pretraining only: `resize` (auto | worker | device) is where its random crops are resized
     (auto: on the device when it is a GPU, else in the workers); `decode` (worker | device) where JPEGs are decoded
-    (device: the workers only read bytes; needs the resize on the device too)."""
+    (device: the workers only read bytes; needs the resize on the device too). `hf`: a Hugging Face `datasets` source
+    instead (a `save_to_disk` folder, parquet / arrow files: a file, folder or glob, or a Hub name already in the local
+    cache), its split `hf_split`, image column `hf_image_key`, label column `hf_label_key` (optional for pretraining);
+    `hf_streaming`: read it as a stream (`data.samples_per_epoch` where its length is unknown)."""
 
     path: Optional[str] = None
     batch_size: int = 64
@@ -57,6 +60,11 @@ class DataConfig:
     samples_per_epoch: Optional[int] = None
     resize: str = "auto"
     decode: str = "worker"
+    hf: Optional[str] = None
+    hf_split: str = "train"
+    hf_image_key: str = "image"
+    hf_label_key: Optional[str] = "label"
+    hf_streaming: bool = False
 
 
 @dataclass
@@ -150,6 +158,9 @@ def check_sections(data: DataConfig, optim: OptimConfig, train: TrainConfig) -> 
               f"{len(data.mean)} value(s) for data.channels={data.channels}; give one value per channel")
     check(data.shards is None or data.path is None, "data.shards", "give data.shards or data.path, not both")
     check(data.shard_retries >= 0, "data.shard_retries", f"must be >= 0, got {data.shard_retries}")
+    check(data.hf is None or (data.path is None and data.shards is None), "data.hf",
+          "give one source: data.hf, data.path or data.shards")
+    check(not data.hf_streaming or data.hf is not None, "data.hf_streaming", "streams a data.hf source; set data.hf")
     check(data.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {data.shuffle_buffer}")
     check(data.samples_per_epoch is None or data.samples_per_epoch > 0, "data.samples_per_epoch",
           f"must be positive, got {data.samples_per_epoch}")

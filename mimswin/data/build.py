@@ -12,6 +12,7 @@ from mimswin.config import DataConfig
 from mimswin.config.sections import Size
 from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
 from mimswin.data.device_crop import DeviceCrop
+from mimswin.data.hf import HFStreamLoader, hf_images, hf_stream_loader, stream_preview
 from mimswin.data.pixels import Skipped, stack_samples
 from mimswin.data.readers import ReadSpec
 from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
@@ -77,7 +78,10 @@ class EpochLoader:
 
 
 def image_source(cfg: DataConfig, transform, split: str = "train", spec: Optional[ReadSpec] = None) -> Dataset:
-    """The embedded MNIST-5k split when no path is given, else the image folder at `data.path`."""
+    """The map-style source: the split `data.hf_split` of `data.hf`, the image folder at `data.path`, else the
+    embedded MNIST-5k split `split`."""
+    if cfg.hf is not None:
+        return hf_images(cfg.hf, cfg.hf_split, cfg.hf_image_key, cfg.hf_label_key, transform, spec or read_spec(cfg))
     if cfg.path is None:
         return EmbeddedMNIST(split, transform, cfg.channels)
     return ImageFolder(cfg.path, transform, spec or read_spec(cfg))
@@ -95,7 +99,8 @@ def shard_source(cfg: DataConfig, transform, num_replicas: int, rank: int, seed:
 
 
 def build_pretrain_data(cfg: DataConfig, img_size: Size, num_replicas: int, rank: int, seed: int,
-                        device: torch.device, batch_multiple: int = 1) -> Union[EpochLoader, ShardLoader]:
+                        device: torch.device, batch_multiple: int = 1
+                        ) -> Union[EpochLoader, ShardLoader, HFStreamLoader]:
     """Training loader with MIM augmentations; every rank gets the same number of batches per epoch. Crops are
     resized in the workers or, `resize_on_device`, on the device (the workers draw the same boxes and flips)."""
     on_device = resize_on_device(cfg, device)
@@ -104,6 +109,10 @@ def build_pretrain_data(cfg: DataConfig, img_size: Size, num_replicas: int, rank
     spec, step = read_spec(cfg, cfg.decode == "device"), device_step(cfg, img_size if on_device else None)
     if cfg.shards is not None:
         return shard_source(cfg, transform, num_replicas, rank, seed, device, batch_multiple, step=step, spec=spec)
+    if cfg.hf_streaming:
+        return hf_stream_loader(cfg.hf, cfg.hf_split, cfg.hf_image_key, cfg.hf_label_key, transform, spec, step,
+                                cfg.batch_size, cfg.num_workers, num_replicas, rank, seed, device, cfg.shuffle_buffer,
+                                cfg.samples_per_epoch, batch_multiple)
     dataset = image_source(cfg, transform, spec=spec)
     sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, num_replicas, rank, seed,
                                           batch_multiple=batch_multiple)
@@ -151,6 +160,10 @@ def preview_images(cfg: DataConfig, img_size: Size, count: int) -> torch.Tensor:
     view = eval_transform(img_size)
     if cfg.shards is not None:
         images = shard_preview(cfg.shards, view, read_spec(cfg), count)
+    elif cfg.hf_streaming:
+        items = stream_preview(cfg.hf, cfg.hf_split, cfg.hf_image_key, view, read_spec(cfg), count, count * 4)
+        images = first_usable(items, count, len(items), "data.hf")
     else:
-        images = first_usable(image_source(cfg, view, split="val"), count, count * 4, "data.path")
+        images = first_usable(image_source(cfg, view, split="val"), count, count * 4,
+                              "data.hf" if cfg.hf is not None else "data.path")
     return device_step(cfg)(images, torch.device("cpu"))

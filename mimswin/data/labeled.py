@@ -2,6 +2,8 @@
 
 - no path: the embedded MNIST-5k with its fixed seeded train/val split;
 - a folder with `train/` and `val/` subfolders, each holding one subfolder per class;
+- a Hugging Face `datasets` source (`data.hf`): its `data.hf_split` and `data.hf_val_split` splits, classes from the
+  label column (`data.hf_label_key`);
 - labeled webdataset shards: `data.shards` (train) and `data.val_shards` (validation), streamed for training and read
   once, each sample on one rank, for evaluation.
 """
@@ -19,6 +21,7 @@ from mimswin.config import DataConfig
 from mimswin.config.evaluation import LabeledDataConfig
 from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
 from mimswin.data.build import EpochLoader, device_step, read_spec
+from mimswin.data.hf import HFImages, hf_images, val_split_name
 from mimswin.data.sampler import ResumableDistributedSampler
 from mimswin.data.shard_stream import ShardLoader, build_shard_loader, expand_shards, shard_classes, shard_sizes
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder
@@ -62,6 +65,12 @@ def labeled_source(cfg: LabeledDataConfig, split: str, transform: Callable) -> T
     if cfg.shards is not None:
         shards = LabeledShards(cfg.shards if split == "train" else cfg.val_shards, transform, cfg)
         return shards, shards.classes
+    if cfg.hf is not None:
+        name, key = (cfg.hf_split, "data.hf_split") if split == "train" else (
+            val_split_name(cfg.hf, cfg.hf_val_split), "data.hf_val_split")
+        dataset = hf_images(cfg.hf, name, cfg.hf_image_key, cfg.hf_label_key, transform, read_spec(cfg), labeled=True,
+                            key=key)
+        return dataset, dataset.classes
     if cfg.path is None:
         dataset = EmbeddedMNIST(split, transform, cfg.channels or 3)
         return dataset, dataset.classes
@@ -84,6 +93,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         return torch.as_tensor(dataset.labels)
     if isinstance(dataset, ImageFolder):
         return torch.tensor([label for _, label in dataset.samples])
+    if isinstance(dataset, HFImages):
+        return dataset.labels()
     raise DataError(f"data: cannot take a labeled subset of a {type(dataset).__name__}")
 
 

@@ -2,10 +2,10 @@
 
 Formats: anything PIL reads (8/16-bit gray, RGB, RGBA, palette, CMYK, 32-bit float), TIFF through `tifffile` (any
 number of bands, planar or interleaved, its own axes say which; PIL takes over for codecs tifffile lacks without
-`imagecodecs`), and `.npy` arrays (2-D, or 3-D laid out as `data.layout` says). Channels are matched to
-`data.channels` without guessing: equal counts pass, a one-channel image is repeated for three channels (RGB presets
-keep working on gray data), an alpha band beyond the wanted count is composited over white; anything else is a
-`SampleError` that sources skip and count.
+`imagecodecs`), and `.npy` arrays (2-D, or 3-D laid out as `data.layout` says); held in memory (a data set's column):
+encoded bytes, PIL images and arrays. Channels are matched to `data.channels` without guessing: equal counts pass, a
+one-channel image is repeated for three channels (RGB presets keep working on gray data), an alpha band beyond the
+wanted count is composited over white; anything else is a `SampleError` that sources skip and count.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ TIFF_ALPHA = (1, 2)  # tifffile EXTRASAMPLE: ASSOCALPHA, UNASSALPHA
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END, JPEG_END_WINDOW = b"\xff\xd9", 1024  # the end-of-image marker, looked for near the end (padding may follow)
 JPEG_MODES = {"L": 1, "RGB": 3}
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
+NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,13 @@ def match_channels(array: np.ndarray, alpha: bool, channels: Optional[int]) -> n
     return array
 
 
+def finish(array: np.ndarray, alpha: bool, spec: ReadSpec) -> torch.Tensor:
+    """A C x H x W array -> tensor of a native dtype with `spec.channels` bands; or `SampleError`."""
+    if min(array.shape[1:]) < 1:
+        raise SampleError("unsupported pixels", f"an empty image of shape {tuple(array.shape)}")
+    return native_tensor(match_channels(array, alpha, spec.channels))
+
+
 def read_bytes(data: bytes, ext: str, spec: ReadSpec) -> Union[torch.Tensor, Encoded]:
     """A file's bytes -> C x H x W tensor in its own dtype, channels matched to `spec`; or `SampleError`. With
     `spec.defer_jpeg`, a gray or RGB JPEG that decodes to `spec.channels` comes back `Encoded` instead."""
@@ -184,10 +193,29 @@ def read_bytes(data: bytes, ext: str, spec: ReadSpec) -> Union[torch.Tensor, Enc
         header = jpeg_header(data)
         if header is not None and (header[0] == spec.channels or (header[0], spec.channels) == (1, 3)):
             return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), spec.channels, *header[1:])
-    array, alpha = decode(data, ext, spec.layout, spec.channels)
-    if min(array.shape[1:]) < 1:
-        raise SampleError("unsupported pixels", f"an empty image of shape {tuple(array.shape)}")
-    return native_tensor(match_channels(array, alpha, spec.channels))
+    return finish(*decode(data, ext, spec.layout, spec.channels), spec)
+
+
+def sniff_extension(data: bytes) -> str:
+    """The extension that routes bytes of unknown name to their reader: .tif (tifffile: any band count), .npy, else
+    '' (PIL tells the format from the bytes)."""
+    if data[:4] in TIFF_MAGIC:
+        return ".tif"
+    return ".npy" if data.startswith(NPY_MAGIC) else ""
+
+
+def read_image(value: object, spec: ReadSpec, dtype: Optional[np.dtype] = None) -> Union[torch.Tensor, Encoded]:
+    """An image held in memory (a data set's column) -> as `read_bytes` gives it: encoded bytes (their format sniffed),
+    a PIL image, or an array (2-D, or 3-D laid out as `spec.layout` says; nested lists as `dtype`)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return read_bytes(bytes(value), sniff_extension(bytes(value)), spec)
+    if isinstance(value, Image.Image):
+        array, alpha = pil_array(value)
+        return finish(array.transpose(2, 0, 1) if array.ndim == 3 else array[None], alpha, spec)
+    if value is None:
+        raise SampleError("no image")
+    array = np.asarray(value, dtype=dtype)
+    return finish(array_chw(array, spec.layout, spec.channels), False, spec)
 
 
 def read_path(path: Path, spec: ReadSpec) -> Union[torch.Tensor, Encoded]:

@@ -1,4 +1,5 @@
-"""Shard writer: an image folder or the embedded data set -> webdataset tar shards (image + cls + key).
+"""Shard writer: an image folder, a Hugging Face datasets split or the embedded data set -> webdataset tar shards
+(image + cls + key).
 
 `mimswin shards SRC OUT --maxcount N` writes OUT/<prefix>-000000.tar, ... with wds.ShardWriter, and OUT/sizes.json
 (samples per shard, read by the shard loader to plan epochs and skip consumed shards on resume). Every file the
@@ -24,6 +25,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mimswin.data.hf import HFSource, encoded_value, hf_images, is_hf_path
 from mimswin.data.pixels import SampleError
 from mimswin.data.readers import ReadSpec, read_bytes
 from mimswin.data.shard_stream import CLASSES_FILE, SIZES_FILE
@@ -113,13 +115,17 @@ def reencode(image: torch.Tensor, ext: str, quality: int) -> Tuple[str, bytes]:
 
 
 def encode_file(path: Path, shrink: Optional[Shrink] = None) -> Tuple[str, bytes, bool]:
-    """(extension key, bytes, whether it was resized) of a file after a full decode check (`SampleError` if it
-    fails): stored as it is, or re-encoded smaller when `shrink` says so."""
+    """`encode_bytes` of a file (an unreadable one is a `SampleError`)."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise SampleError("unreadable image", err.strerror or str(err)) from None
-    ext = path.suffix.lower().lstrip(".")
+    return encode_bytes(data, path.suffix.lower().lstrip("."), shrink)
+
+
+def encode_bytes(data: bytes, ext: str, shrink: Optional[Shrink] = None) -> Tuple[str, bytes, bool]:
+    """(extension key, bytes, whether it was resized) of an encoded image after a full decode check (`SampleError` if
+    it fails): stored as it is, or re-encoded smaller when `shrink` says so."""
     image = read_bytes(data, ext, ReadSpec(channels=None, layout="chw"))  # decodable; channels, layout: the run's
     height, width = image.shape[1:]
     if shrink is None or max(height, width) <= shrink.max_side:
@@ -162,11 +168,37 @@ def embedded_records(split: str) -> Tuple[Iterator[Record], int, List[str]]:
     return records(), len(dataset), dataset.classes
 
 
-def source_records(src: str, shrink: Optional[Shrink] = None) -> Tuple[Iterator[Record], int, List[str], str]:
-    """(records, count, class names, default prefix) of `embedded[:split]` or an image folder."""
+def hf_records(src: str, source: HFSource, shrink: Optional[Shrink] = None
+               ) -> Tuple[Iterator[Record], int, List[str]]:
+    """The rows of one split of a datasets source: encoded images stored as they are (a 16-bit PNG stays one),
+    arrays as `.npy` in their own dtype and layout."""
+    images = hf_images(src, source.split, source.image_key, source.label_key, None, ReadSpec(channels=None))
+
+    def records() -> Iterator[Record]:
+        for index in range(len(images)):
+            record = Record(f"{source.split}_{index:08d}", -1, source=f"{src}:{source.split}[{index}]")
+            try:
+                row = images.split[index]
+                record.label = images.columns.label_of(row)
+                ext, data = encoded_value(row[source.image_key], images.columns.dtype)
+                record.ext, record.data, record.resized = encode_bytes(data, ext, shrink)
+            except SampleError as err:
+                record.error = err.reason
+            yield record
+
+    return records(), len(images), images.classes
+
+
+def source_records(src: str, shrink: Optional[Shrink] = None, hf: Optional[HFSource] = None
+                   ) -> Tuple[Iterator[Record], int, List[str], str]:
+    """(records, count, class names, default prefix) of `embedded[:split]`, a datasets source (`hf`: its split and
+    columns) or an image folder."""
     if src == EMBEDDED or src.startswith(EMBEDDED + ":"):
         split = src.partition(":")[2] or "train"
         return (*embedded_records(split), split)
+    if is_hf_path(src):
+        source = hf or HFSource()
+        return (*hf_records(src, source, shrink), source.split)
     return (*folder_records(Path(src).expanduser(), shrink), "train")
 
 
@@ -178,9 +210,9 @@ def update_json(path: Path, values: Dict[str, object]) -> None:
 
 
 def write_shards(src: str, out: Path, maxcount: int = 1000, maxsize: float = 1e9, prefix: Optional[str] = None,
-                 progress: bool = True, shrink: Optional[Shrink] = None) -> Summary:
+                 progress: bool = True, shrink: Optional[Shrink] = None, hf: Optional[HFSource] = None) -> Summary:
     """Write the shards and sizes.json; returns what was written, resized and skipped."""
-    records, count, classes, default_prefix = source_records(src, shrink)
+    records, count, classes, default_prefix = source_records(src, shrink, hf)
     prefix = prefix or default_prefix
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob(f"{prefix}-*.tar")):

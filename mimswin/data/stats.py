@@ -10,7 +10,9 @@ from typing import Iterator, List, Optional, Union
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
+from mimswin.data.hf import HFSource, hf_images, is_hf_path
 from mimswin.data.pixels import SampleError, Skipped, to_float
 from mimswin.data.readers import ReadSpec, read_bytes
 from mimswin.data.shard_stream import expand_shards, read_shard
@@ -50,9 +52,11 @@ class ChannelStats:
 Item = Union[torch.Tensor, Skipped]
 
 
-def source_images(path: str, spec: ReadSpec, samples: int, seed: int = 0) -> Iterator[Item]:
-    """Raw images (C x H x W, own dtype) of `embedded[:split]`, shards (a .tar pattern) or an image folder: a seeded
-    random `samples` of a folder (all when 0 or more than it holds), the first `samples` of shards in order."""
+def source_images(path: str, spec: ReadSpec, samples: int, seed: int = 0, hf: Optional[HFSource] = None
+                  ) -> Iterator[Item]:
+    """Raw images (C x H x W, own dtype) of `embedded[:split]`, shards (a .tar pattern), a datasets source (`hf`: its
+    split and image column) or an image folder: a seeded random `samples` of a folder or dataset (all when 0 or more
+    than it holds), the first `samples` of shards in order."""
     if path == EMBEDDED or path.startswith(EMBEDDED + ":"):
         digits = EmbeddedMNIST(path.partition(":")[2] or "train", channels=spec.channels or 1)
         yield from (digits[i][0] for i in chosen(len(digits), samples, seed))
@@ -69,9 +73,13 @@ def source_images(path: str, spec: ReadSpec, samples: int, seed: int = 0) -> Ite
                 if samples and count >= samples:
                     return
     else:
-        folder = ImageFolder(Path(path), None, spec)
+        if is_hf_path(path):
+            source = hf or HFSource()
+            images: Dataset = hf_images(path, source.split, source.image_key, None, None, spec)
+        else:
+            images = ImageFolder(Path(path), None, spec)
         yield from (item if isinstance(item, Skipped) else item[0]
-                    for item in (folder[i] for i in chosen(len(folder), samples, seed)))
+                    for item in (images[i] for i in chosen(len(images), samples, seed)))
 
 
 def chosen(size: int, samples: int, seed: int) -> List[int]:
@@ -120,6 +128,6 @@ def channel_stats(images: Iterator[Item], seed: int = 0) -> ChannelStats:
 
 
 def stats_of(path: str, channels: Optional[int] = None, layout: str = "auto", samples: int = 1000,
-             seed: int = 0) -> ChannelStats:
+             seed: int = 0, hf: Optional[HFSource] = None) -> ChannelStats:
     """`channel_stats` of a source read as `channels` (unset: as many as its first usable image has)."""
-    return channel_stats(source_images(path, ReadSpec(channels, layout), samples, seed), seed)
+    return channel_stats(source_images(path, ReadSpec(channels, layout), samples, seed, hf), seed)

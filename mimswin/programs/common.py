@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 from accelerate import Accelerator
 
 from mimswin.config.loading import list_presets, load_config
+from mimswin.data.hf import HFSource
 from mimswin.errors import ConfigError, MimswinError
 from mimswin.runs.files import atomic_write_bytes
 from mimswin.runs.layout import RunDir
@@ -80,6 +81,20 @@ def parse_eval_args(schema: Type[C], prog: str, description: str, argv: Optional
     if cfg.checkpoint is None:
         raise ConfigError("no pretrained encoder given: pass --from RUN_DIR, CHECKPOINT_DIR or ENCODER.safetensors")
     return cfg, args.resume
+
+
+def add_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options naming the split and columns of a Hugging Face datasets PATH (as data.hf_split, data.hf_image_key,
+    data.hf_label_key)."""
+    parser.add_argument("--hf-split", default="train", help="split of a datasets PATH (default train)")
+    parser.add_argument("--hf-image-key", default="image", help="image column of a datasets PATH (default image)")
+    parser.add_argument("--hf-label-key", default="label", help="label column of a datasets PATH (default label; "
+                        "optional)")
+
+
+def hf_source(args: argparse.Namespace) -> HFSource:
+    """What `add_hf_arguments` parsed."""
+    return HFSource(args.hf_split, args.hf_image_key, args.hf_label_key)
 
 
 def write_results(accelerator: Accelerator, run_dir: RunDir, results: Dict[str, Any]) -> None:

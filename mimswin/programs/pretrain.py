@@ -14,6 +14,7 @@ from mimswin.config.loading import load_config
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.config.sections import size_pair
 from mimswin.data.build import build_pretrain_data, device_step, online_probe_val, preview_images
+from mimswin.data.hf import HFStreamLoader
 from mimswin.eval.callbacks import log_eval
 from mimswin.eval.metrics import evaluate
 from mimswin.eval.pictures import reconstruction_grid, save_png
@@ -179,6 +180,8 @@ def build_trainer(cfg: PretrainConfig, resume: Optional[str] = None, command: Op
 
     record_run(accelerator, run_dir, cfg)
     callbacks = [PretrainPictures(cfg, preview), ExportEncoder(cfg, data.source_size, command)]
+    if isinstance(data, HFStreamLoader):
+        callbacks.append(data)  # its position in the stream rides in each checkpoint
     if probing:
         callbacks.append(OnlineProbeEval(cfg, val_set))
     meta = {"method": cfg.method, "model": cfg.model.name, "img_size": cfg.model.img_size,

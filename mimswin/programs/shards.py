@@ -1,5 +1,5 @@
-"""`mimswin shards`: write webdataset tar shards (image + cls + key) and sizes.json from an image folder or the
-embedded set."""
+"""`mimswin shards`: write webdataset tar shards (image + cls + key) and sizes.json from an image folder, a Hugging
+Face datasets split or the embedded set."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mimswin.data.shard_write import EMBEDDED, Shrink, Summary, write_shards
-from mimswin.programs.common import console_entry
+from mimswin.programs.common import add_hf_arguments, console_entry, hf_source
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="mimswin-shards", description="Write webdataset tar shards (image + cls + key) and sizes.json.")
-    parser.add_argument("src", help=f"image folder (flat or one subfolder per class) or '{EMBEDDED}[:train|val|all]'")
+    parser.add_argument("src", help=f"image folder (flat or one subfolder per class), '{EMBEDDED}[:train|val|all]', "
+                        "or a Hugging Face dataset: parquet / arrow file or folder, save_to_disk folder")
+    add_hf_arguments(parser)
     parser.add_argument("out", help="output directory")
     parser.add_argument("--maxcount", type=int, default=1000, help="images per shard (default 1000)")
     parser.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
@@ -38,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Summary:
     args = parse_args(argv)
     shrink = Shrink(args.max_side, args.quality) if args.max_side else None
     summary = write_shards(args.src, Path(args.out), args.maxcount, args.maxsize, args.prefix, not args.no_progress,
-                           shrink)
+                           shrink, hf_source(args))
     print("\n".join(summary.lines(Path(args.out))))
     return summary
 

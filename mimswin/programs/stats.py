@@ -8,12 +8,14 @@ from typing import List, Optional, Sequence
 
 from mimswin.config.sections import LAYOUTS
 from mimswin.data.stats import ChannelStats, stats_of
-from mimswin.programs.common import console_entry
+from mimswin.programs.common import add_hf_arguments, console_entry, hf_source
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mimswin stats", description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="image folder, webdataset shards (a .tar pattern) or 'embedded[:train|val|all]'")
+    parser.add_argument("path", help="image folder, webdataset shards (a .tar pattern), 'embedded[:train|val|all]', or "
+                        "a Hugging Face dataset: parquet / arrow file or folder, save_to_disk folder")
+    add_hf_arguments(parser)
     parser.add_argument("--channels", type=int, default=None,
                         help="read images as this many channels, as data.channels (default: as the first image has)")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="layout of 3-D .npy arrays (data.layout)")
@@ -46,7 +48,7 @@ def report_lines(path: str, stats: ChannelStats) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> ChannelStats:
     """Parse, read, print the report; returns the statistics."""
     args = parse_args(argv)
-    stats = stats_of(args.path, args.channels, args.layout, args.samples, args.seed)
+    stats = stats_of(args.path, args.channels, args.layout, args.samples, args.seed, hf_source(args))
     print("\n".join(report_lines(args.path, stats)))
     return stats
 

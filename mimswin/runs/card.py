@@ -40,6 +40,8 @@ class RunFacts:
 
 def data_name(data: DataConfig) -> str:
     """The source of a data section, in words."""
+    if data.hf is not None:
+        return f"the Hugging Face dataset `{data.hf}` (split {data.hf_split})"
     if data.shards is not None:
         return f"the webdataset shards `{data.shards}`"
     if data.path is not None:
