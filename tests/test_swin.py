@@ -1,5 +1,7 @@
 """Visible-tokens-only Swin (MAE): equivalence with timm's Swin, token positions, short runs, export, clear errors."""
 
+import re
+
 import pytest
 import timm
 import torch
@@ -149,6 +151,15 @@ def test_masks_hide_whole_cells_and_targets_are_per_cell_normalized():
 def test_bad_sizes_and_models_are_one_clear_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build(overrides)
+
+
+def test_a_size_that_does_not_tile_names_the_nearest_sizes_that_do_and_they_build():
+    with pytest.raises(ConfigError) as refused:
+        build(["model.img_size=[40,64]"])
+    suggested = re.findall(r"model\.img_size=\[\d+,\d+\]", str(refused.value))
+    assert suggested == ["model.img_size=[32,64]", "model.img_size=[48,64]"]
+    for size in suggested:
+        build([size])
 
 
 @pytest.fixture(scope="module")

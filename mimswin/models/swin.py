@@ -36,8 +36,32 @@ def output_stride(model: SwinTransformer) -> int:
     return model.patch_embed.patch_size[0] * 2 ** num_merges(model)
 
 
+def side_tiles(side: int, patch: int, merges: int, window: int) -> bool:
+    """Whether an image side of `side` px tiles: a whole number of final-stage tokens, and at every stage a token
+    grid no larger than the window (timm shrinks the window to it) or a multiple of it."""
+    if side % (patch * 2 ** merges):
+        return False
+    grids = [side // (patch * 2 ** stage) for stage in range(merges + 1)]
+    return all(grid <= window or grid % window == 0 for grid in grids)
+
+
+def tiling_sizes(model: SwinTransformer) -> str:
+    """The sizes nearest the model's own (below and above, per side, so the aspect stays close) that tile with its
+    patch, merges and windows, as the override to write."""
+    patch, merges, stride = model.patch_embed.patch_size[0], num_merges(model), output_stride(model)
+    windows = [max(block.window_size[dim] for stage in model.layers for block in stage.blocks) for dim in (0, 1)]
+    below, above = [], []
+    for side, window in zip(model.patch_embed.img_size, windows):
+        reach = max(4 * side, 2 * stride * window)
+        fits = [n * stride for n in range(1, reach // stride + 2) if side_tiles(n * stride, patch, merges, window)]
+        below.append(max((f for f in fits if f <= side), default=min(fits)))
+        above.append(min((f for f in fits if f >= side), default=max(fits)))
+    return " or ".join(f"model.img_size=[{h},{w}]" for h, w in sorted({tuple(below), tuple(above)}))
+
+
 def check_swin(model: nn.Module) -> SwinTransformer:
-    """A timm SwinTransformer whose image, merges and windows tile exactly, or one clear ConfigError."""
+    """A timm SwinTransformer whose image, merges and windows tile exactly, or one clear ConfigError that names the
+    nearest sizes that would."""
     if not isinstance(model, SwinTransformer):
         raise ConfigError(f"config key 'model.name': expected a timm SwinTransformer, got {type(model).__name__}")
     if model.dynamic_img_size:
@@ -48,7 +72,8 @@ def check_swin(model: nn.Module) -> SwinTransformer:
     img, stride = tuple(model.patch_embed.img_size), output_stride(model)
     if img[0] % stride or img[1] % stride:
         raise ConfigError(f"config key 'model.img_size': {img[0]}x{img[1]} px is not divisible by the Swin output "
-                          f"stride {stride} px (patch {patch[0]} x 2^{num_merges(model)} merges)")
+                          f"stride {stride} px (patch {patch[0]} x 2^{num_merges(model)} merges); nearest sizes that "
+                          f"tile: {tiling_sizes(model)}")
     for index, stage in enumerate(model.layers):
         for block in stage.blocks:
             if getattr(block, "dynamic_mask", False):
@@ -58,8 +83,8 @@ def check_swin(model: nn.Module) -> SwinTransformer:
             if res[0] % win[0] or res[1] % win[1]:
                 raise ConfigError(
                     f"config key 'model.kwargs': window {win[0]}x{win[1]} does not divide the {res[0]}x{res[1]} "
-                    f"token grid of stage {index} ({img[0]} px image); pick img_size and window_size that tile, "
-                    f"e.g. 192 px with window 6 or 224 px with window 7")
+                    f"token grid of stage {index} ({img[0]}x{img[1]} px image); nearest sizes that tile with this "
+                    f"window: {tiling_sizes(model)} (or another model.kwargs.window_size)")
     return model
 
 
