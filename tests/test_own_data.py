@@ -12,8 +12,11 @@ import tifffile
 import timm
 import torch
 from conftest import REPO
+from PIL import Image
 
 from mimswin.cli import main
+from mimswin.config import DataConfig
+from mimswin.data.build import preview_images
 from mimswin.data.stats import stats_of
 from mimswin.export import load_exported_timm
 from mimswin.runs.export import export_metadata
@@ -150,3 +153,29 @@ def test_layout_and_size_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["pretrain", *common, "data.layout=chw", "model.img_size=[8,10]",
                  f"train.output_dir={tmp_path / 'r4'}"]) == 2
     assert "10 px is not a whole number of 4x4 px patches" in capsys.readouterr().err
+
+
+def test_an_rgb_folder_under_a_one_channel_preset_stops_in_one_line_naming_the_fix(tmp_path, capsys, caplog):
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("RGB", (32, 32), (i, 2 * i, 3 * i)).save(folder / f"{i:02d}.png")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "tiny_mae_vit_cpu", f"data.path={folder}", *QUICK,
+                 f"train.output_dir={run}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mimswin: error: data.path: the images have 3 channel(s) but data.channels=1: set data.channels=3 and its "
+        f"data.mean / data.std (`mimswin stats {folder} --channels 3` prints them); first: {folder / '00.png'}")
+    assert not [record for record in caplog.records if "skipping" in record.getMessage()]
+    assert not (run / "config.yaml").exists()
+
+
+def test_preview_pictures_spread_over_a_class_sorted_folder(tmp_path):
+    for label in range(3):
+        (tmp_path / f"class{label}").mkdir()
+        for i in range(20):
+            Image.new("L", (16, 16), 60 * label + 30).save(tmp_path / f"class{label}" / f"{i:02d}.png")
+    data = DataConfig(path=str(tmp_path), channels=1, mean=[0.0], std=[1.0])
+    images = preview_images(data, (16, 16), 8)
+    shown = sorted({round(value * 255) for value in images.mean(dim=(1, 2, 3)).tolist()})
+    assert images.shape == (8, 1, 16, 16) and shown == [30, 90, 150]

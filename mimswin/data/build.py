@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -14,7 +16,7 @@ from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
 from mimswin.data.device_crop import DeviceCrop
 from mimswin.data.hf import HFStreamLoader, hf_images, hf_stream_loader, stream_preview
 from mimswin.data.pixels import Skipped, stack_samples
-from mimswin.data.readers import ReadSpec
+from mimswin.data.readers import ReadSpec, channels_found
 from mimswin.data.sampler import ResumableDistributedSampler, SeededSamples
 from mimswin.data.shard_stream import ShardLoader, build_shard_loader, shard_preview
 from mimswin.data.sources import EmbeddedMNIST, ImageFolder
@@ -136,12 +138,35 @@ def online_probe_val(cfg: DataConfig, val_path: Optional[str], img_size: Size, t
     return Subset(val, range(min(samples, len(val)))), len(classes)
 
 
-def first_usable(dataset: Dataset, count: int, tries: int, what: str) -> torch.Tensor:
-    """The first `count` usable samples among the first `tries` of a map-style source, stacked; when none is usable,
-    one error naming the first file and why (a wrong data.channels or data.layout shows here, before training)."""
+def spread(size: int, count: int, tries: int) -> List[int]:
+    """Up to `tries` indices of a source of `size` in the order a preview tries them: `count` evenly spaced over the
+    whole source first (class-sorted splits show every part), then the same shifted, round after round."""
+    rounds = max(1, -(-tries // count))
+    picked = dict.fromkeys(min(size - 1, int((k + r / rounds) * size / count)) for r in range(rounds)
+                           for k in range(count))
+    return list(picked)[:tries]
+
+
+def unusable(first: Optional[Skipped], tried: int, what: str, where: str) -> DataError:
+    """The error of a source none of whose first images could be used: for a channel mismatch, the settings that
+    fix it; else the first file and why."""
+    counts = channels_found(first.detail) if first is not None and first.reason == "wrong channels" else None
+    if counts is not None:
+        found, wanted = counts
+        return DataError(f"{what}: the images have {found} channel(s) but data.channels={wanted}: set "
+                         f"data.channels={found} and its data.mean / data.std (`mimswin stats {where} --channels "
+                         f"{found}` prints them); first: {first.source}")
+    reason = f": {first.describe()}" if first else ""
+    return DataError(f"{what}: none of the first {tried} images could be used{reason}")
+
+
+def first_usable(dataset: Dataset, count: int, indices: Sequence[int], what: str, where: str = "PATH"
+                 ) -> torch.Tensor:
+    """The first `count` usable samples of a map-style source among `indices`, stacked; when none is usable, one
+    error (a wrong data.channels or data.layout shows here, before training)."""
     usable, first, tried = [], None, 0
-    for index in range(min(len(dataset), tries)):
-        item, tried = dataset[index], index + 1
+    for tried, index in enumerate(indices, 1):
+        item = dataset[index]
         if isinstance(item, Skipped):
             first = first or item
         else:
@@ -149,21 +174,37 @@ def first_usable(dataset: Dataset, count: int, tries: int, what: str) -> torch.T
         if len(usable) == count:
             break
     if not usable:
-        reason = f": {first.describe()}" if first else ""
-        raise DataError(f"{what}: none of the first {tried} images could be used{reason}")
+        raise unusable(first, tried, what, where)
     return stack_samples(usable)
 
 
+@contextlib.contextmanager
+def quiet_skips() -> Iterator[None]:
+    """Sources' per-file skip warnings held back (a preview of the wrong channels ends in one line, not 32)."""
+    loggers = [logging.getLogger(name) for name in ("mimswin.data.sources", "mimswin.data.hf")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def preview_images(cfg: DataConfig, img_size: Size, count: int) -> torch.Tensor:
-    """A fixed batch of un-augmented images (the first of the held-out split) as model input on the CPU, for
-    reconstruction pictures."""
-    view = eval_transform(img_size)
-    if cfg.shards is not None:
-        images = shard_preview(cfg.shards, view, read_spec(cfg), count)
-    elif cfg.hf_streaming:
-        items = stream_preview(cfg.hf, cfg.hf_split, cfg.hf_image_key, view, read_spec(cfg), count, count * 4)
-        images = first_usable(items, count, len(items), "data.hf")
-    else:
-        images = first_usable(image_source(cfg, view, split="val"), count, count * 4,
-                              "data.hf" if cfg.hf is not None else "data.path")
+    """A fixed batch of un-augmented images spread over the source (the held-out split of the embedded set) as model
+    input on the CPU, for reconstruction pictures."""
+    view, tries = eval_transform(img_size), count * 4
+    where = cfg.hf or cfg.path or "embedded"
+    what = "data.hf" if cfg.hf is not None else "data.path"
+    with quiet_skips():
+        if cfg.shards is not None:
+            images = shard_preview(cfg.shards, view, read_spec(cfg), count)
+        elif cfg.hf_streaming:
+            items = stream_preview(cfg.hf, cfg.hf_split, cfg.hf_image_key, view, read_spec(cfg), count, tries)
+            images = first_usable(items, count, range(len(items)), what, where)
+        else:
+            source = image_source(cfg, view, split="val")
+            images = first_usable(source, count, spread(len(source), count, tries), what, where)
     return device_step(cfg)(images, torch.device("cpu"))

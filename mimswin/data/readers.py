@@ -11,6 +11,7 @@ wanted count is composited over white; anything else is a `SampleError` that sou
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -177,6 +178,13 @@ def match_channels(array: np.ndarray, alpha: bool, channels: Optional[int]) -> n
     if count != channels:
         raise SampleError("wrong channels", f"{count} channel(s), data.channels={channels}")
     return array
+
+
+def channels_found(detail: str) -> Optional[Tuple[int, int]]:
+    """(channels found, channels wanted) of a "wrong channels" skip, read back from the detail `match_channels`
+    writes."""
+    match = re.match(r"(\d+) channel\(s\), data\.channels=(\d+)", detail)
+    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def finish(array: np.ndarray, alpha: bool, spec: ReadSpec) -> torch.Tensor:

@@ -27,7 +27,7 @@ def load_images(folder: str | Path, img_size: Size, data: DataConfig, count: int
         dataset = ImageFolder(folder, eval_transform(img_size), read_spec(data))
     except DataError as err:
         raise DataError(str(err).replace("data.path", "--images", 1)) from None
-    images = first_usable(dataset, count, len(dataset), "--images")
+    images = first_usable(dataset, count, range(len(dataset)), "--images", str(folder))
     return device_step(data)(images, torch.device("cpu"))
 
 
