@@ -15,10 +15,12 @@ from conftest import REPO
 from PIL import Image
 
 from mimswin.cli import main
-from mimswin.config import DataConfig
+from mimswin.config import DataConfig, PretrainConfig, load_config
 from mimswin.data.build import preview_images
 from mimswin.data.stats import stats_of
+from mimswin.eval.pictures import reconstruction_grid
 from mimswin.export import load_exported_timm
+from mimswin.models.factory import build_method
 from mimswin.runs.export import export_metadata
 from mimswin.runs.layout import read_metrics
 from mimswin.runs.open import load_pretrain_run
@@ -177,5 +179,18 @@ def test_preview_pictures_spread_over_a_class_sorted_folder(tmp_path):
             Image.new("L", (16, 16), 60 * label + 30).save(tmp_path / f"class{label}" / f"{i:02d}.png")
     data = DataConfig(path=str(tmp_path), channels=1, mean=[0.0], std=[1.0])
     images = preview_images(data, (16, 16), 8)
-    shown = sorted({round(value * 255) for value in images.mean(dim=(1, 2, 3)).tolist()})
-    assert images.shape == (8, 1, 16, 16) and shown == [30, 90, 150]
+    shown = sorted({round(value) for value in images.float().mean(dim=(1, 2, 3)).tolist()})
+    assert images.shape == (8, 1, 16, 16) and images.dtype == torch.uint8 and shown == [30, 90, 150]
+
+
+def test_16bit_gray_pictures_are_stretched_between_their_own_percentiles():
+    cfg = load_config(PretrainConfig, ["tiny_mae_vit_cpu"], ["model.img_size=32", "data.mean=[0.02]",
+                                                             "data.std=[0.005]"])
+    method = build_method(cfg)
+    counts = torch.from_numpy(np.random.default_rng(0).integers(1000, 2000, (2, 1, 32, 32)).astype(np.float32))
+    images = (counts / 65535 - 0.02) / 0.005
+    tile = slice(2, 2 + 3 * 32)  # the original: 32 px upscaled 3x after 2 px of padding
+    raw = reconstruction_grid(method, images, cfg.data.mean, cfg.data.std)[:, tile, tile]
+    stretched = reconstruction_grid(method, images, cfg.data.mean, cfg.data.std, stretch=True)[:, tile, tile]
+    assert raw.max() < 0.04
+    assert stretched.min() == 0 and stretched.max() == 1 and torch.equal(stretched[0], stretched[2])

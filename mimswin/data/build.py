@@ -193,8 +193,8 @@ def quiet_skips() -> Iterator[None]:
 
 
 def preview_images(cfg: DataConfig, img_size: Size, count: int) -> torch.Tensor:
-    """A fixed batch of un-augmented images spread over the source (the held-out split of the embedded set) as model
-    input on the CPU, for reconstruction pictures."""
+    """A fixed batch of un-augmented images spread over the source (the held-out split of the embedded set), in their
+    own dtype, for reconstruction pictures."""
     view, tries = eval_transform(img_size), count * 4
     where = cfg.hf or cfg.path or "embedded"
     what = "data.hf" if cfg.hf is not None else "data.path"
@@ -207,4 +207,4 @@ def preview_images(cfg: DataConfig, img_size: Size, count: int) -> torch.Tensor:
         else:
             source = image_source(cfg, view, split="val")
             images = first_usable(source, count, spread(len(source), count, tries), what, where)
-    return device_step(cfg)(images, torch.device("cpu"))
+    return images

@@ -63,10 +63,12 @@ def legible(tiles: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
-                        std: Sequence[float], bands: Optional[Sequence[int]] = None) -> torch.Tensor:
+                        std: Sequence[float], bands: Optional[Sequence[int]] = None,
+                        stretch: bool = False) -> torch.Tensor:
     """A [3, H, W] picture in [0, 1], one row per image (model input, normalized); norm-pix predictions are
-    un-normalized patch by patch. Gray and RGB images are shown as they are (gray inputs in three equal channels with
-    gray reconstructions); other channel counts in false colour from `bands` (default: the first three), each band
+    un-normalized patch by patch. 8-bit gray and RGB images are shown as they are (gray inputs in three equal channels
+    with gray reconstructions); other channel counts in false colour from `bands` (default: the first three), and with
+    `stretch` (pixels that are not 8-bit: 16-bit counts fill a few % of their range) gray and RGB too, each band
     stretched between its own percentiles. Tiles are scaled to a legible size."""
     was_training = method.training
     method.eval()
@@ -83,6 +85,8 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     std_t = torch.tensor(list(std), device=images.device).view(1, -1, 1, 1)
     original = images * std_t + mean_t
     chosen = list(bands) if bands is not None else default_bands(channels)
+    if chosen is None and stretch:
+        chosen = list(range(channels))
     limits = stretch_limits(original) if chosen is not None else None
     gray = channels == 3 and chosen is None and bool(((original - original[:, :1]).abs() < 1e-4).all())
 

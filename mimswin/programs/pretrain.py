@@ -41,15 +41,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, List[
 
 class PretrainPictures:
     """Reconstruction grid every `vis_every` steps and at the end, written by rank 0 and sent to the trackers. Every
-    rank draws it (under FSDP each forward gathers the blocks from all ranks); DDP ranks draw the same picture."""
+    rank draws it (under FSDP each forward gathers the blocks from all ranks); DDP ranks draw the same picture.
+    `preview`: the images in their own dtype (any but 8-bit is shown stretched band by band)."""
 
-    def __init__(self, cfg: PretrainConfig, images: torch.Tensor) -> None:
-        self.cfg, self.images = cfg, images
+    def __init__(self, cfg: PretrainConfig, preview: torch.Tensor) -> None:
+        self.cfg, self.stretch = cfg, preview.dtype != torch.uint8
+        self.images = device_step(cfg.data)(preview, torch.device("cpu"))
 
     def draw(self, trainer: Trainer, name: str) -> None:
         method = unwrap(trainer.accelerator, trainer.model)
         picture = reconstruction_grid(method, self.images.to(trainer.accelerator.device), self.cfg.data.mean,
-                                      self.cfg.data.std, self.cfg.vis.bands)
+                                      self.cfg.data.std, self.cfg.vis.bands, self.stretch)
         if not trainer.accelerator.is_main_process:
             return
         save_png(picture, trainer.run_dir.pictures / f"{name}.png")

@@ -22,13 +22,12 @@ from mimswin.runs.open import find_run_config, load_pretrain_run
 
 def load_images(folder: str | Path, img_size: Size, data: DataConfig, count: int) -> torch.Tensor:
     """The first `count` usable images of a folder (sorted names), read as the run reads them (channels, layout),
-    resized and center-cropped to img_size, as model input."""
+    resized and center-cropped to img_size, in their own dtype."""
     try:
         dataset = ImageFolder(folder, eval_transform(img_size), read_spec(data))
     except DataError as err:
         raise DataError(str(err).replace("data.path", "--images", 1)) from None
-    images = first_usable(dataset, count, range(len(dataset)), "--images", str(folder))
-    return device_step(data)(images, torch.device("cpu"))
+    return first_usable(dataset, count, range(len(dataset)), "--images", str(folder))
 
 
 def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Path] = None, count: int = 16,
@@ -36,12 +35,13 @@ def visualize(source: str | Path, images_dir: str | Path, out: Optional[str | Pa
     """Write reconstruction grids (original | masked | reconstruction | pasted), `per_picture` rows each."""
     run = load_pretrain_run(source)
     cfg = run.cfg
-    images = load_images(images_dir, size_pair(cfg.model.img_size), cfg.data, count)
+    native = load_images(images_dir, size_pair(cfg.model.img_size), cfg.data, count)
+    images = device_step(cfg.data)(native, torch.device("cpu"))
     out_dir = Path(out) if out else find_run_config(run.checkpoint).parent / VISUALIZE
     written = []
     for number, start in enumerate(range(0, images.shape[0], per_picture)):
         picture = reconstruction_grid(run.method, images[start:start + per_picture], cfg.data.mean, cfg.data.std,
-                                      cfg.vis.bands)
+                                      cfg.vis.bands, native.dtype != torch.uint8)
         path = out_dir / f"reconstruction_{number:03d}.png"
         save_png(picture, path)
         written.append(path)
