@@ -11,9 +11,10 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "finetune": ("mimswin.programs.finetune", "fine-tune a pretrained encoder on labelled images"),
     "linprobe": ("mimswin.programs.linprobe", "linear probe on frozen encoder features"),
     "knn": ("mimswin.programs.knn", "weighted k-NN on frozen encoder features"),
-    "shards": ("mimswin.programs.shards", "write webdataset shards from an image folder"),
+    "shards": ("mimswin.programs.shards", "write webdataset shards from an image folder or a Hugging Face dataset"),
     "stats": ("mimswin.programs.stats", "per-channel mean / std / percentiles of a data source (data.mean, data.std)"),
-    "export": ("mimswin.programs.export", "write a run's encoder for plain timm (--format timm|safetensors)"),
+    "export": ("mimswin.programs.export", "write a run's encoder for plain timm (--format timm|safetensors), push it "
+               "to the Hub"),
     "visualize": ("mimswin.programs.visualize", "reconstruction pictures of any images (--from RUN --images DIR)"),
     "bench": ("mimswin.programs.bench", "throughput and memory benchmarks"),
 }

@@ -1,6 +1,6 @@
 """Hugging Face `datasets` as a source: parquet written by `datasets` (16-bit gray PNG bytes, 4-band uint16 arrays)
-reads as the same images in a folder do, trains, resumes mid-epoch exactly (map-style and streamed), probes, converts
-to shards; a Hub name resolves from the local cache only; errors are one line."""
+reads and trains as the same images in a folder do, resumes mid-epoch exactly (map-style and streamed), probes,
+converts to shards; a Hub name resolves from the local cache only; errors are one line."""
 
 import io
 import json
@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from conftest import TINY, run_and_resume
@@ -109,12 +110,16 @@ def test_16bit_pngs_keep_their_counts_and_arrays_their_dtype(written):
                                "4 channel(s), data.channels=3")
 
 
-def test_map_style_dataset_trains_and_resumes_mid_epoch_to_the_same_weights(written, tmp_path):
-    args = [*QUICK, f"data.hf={written / 'bands.parquet'}", "data.channels=4", "data.mean=[0.2,0.2,0.2,0.2]",
-            "data.std=[0.1,0.1,0.1,0.1]", "train.max_steps=5", "train.save_every=3"]
-    pair = run_and_resume(tmp_path, args, resume_at=3, steps=5)  # 6 batches per epoch: resumed mid-epoch 0
-    for key, tensor in pair.full_weights.items():
+def test_map_style_dataset_trains_as_its_files_do_and_resumes_mid_epoch_to_the_same_weights(written, tmp_path):
+    args = [*QUICK, "data.channels=4", "data.mean=[0.2,0.2,0.2,0.2]", "data.std=[0.1,0.1,0.1,0.1]",
+            "train.max_steps=5", "train.save_every=3"]
+    pair = run_and_resume(tmp_path, [*args, f"data.hf={written / 'bands.parquet'}"], resume_at=3, steps=5)
+    files = tmp_path / "files"
+    assert main(["pretrain", *args, f"data.path={written / 'band_files'}", f"train.output_dir={files}"]) == 0
+    files = safetensors.torch.load_file(str(files / "checkpoints" / "step_00000005" / "model.safetensors"))
+    for key, tensor in pair.full_weights.items():  # 6 batches per epoch: resumed mid-epoch 0
         torch.testing.assert_close(pair.resumed_weights[key], tensor, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(files[key], tensor, rtol=0, atol=0, msg=key)
     model = timm.create_model(f"local-dir:{pair.full / 'encoder'}", pretrained=True)
     assert timm.data.resolve_model_data_config(model)["input_size"] == (4, 32, 32)
     assert "images of 4 channel(s)" in (pair.full / "encoder" / "README.md").read_text()

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mimswin.data.batches import DeviceStep, collate_samples, ready_batches
 from mimswin.data.pixels import SampleError, Skipped
-from mimswin.data.readers import ReadSpec, read_bytes, read_image, read_path, sniff_extension
+from mimswin.data.readers import ReadSpec, read_bytes, read_image, sniff_extension
 from mimswin.data.sampler import SeededSamples, sample_seed
 from mimswin.errors import DataError
 from mimswin.signals import ignore_stop_signals
@@ -215,21 +215,29 @@ def prepared(split: Any, columns: Columns) -> Any:
     return split
 
 
+def image_file(value: Mapping[str, Any]) -> Tuple[str, bytes]:
+    """(extension, bytes) of an `Image` feature's value left encoded: its bytes (the extension from its path, else
+    sniffed), or the file its path names."""
+    path = value.get("path") or ""
+    if value.get("bytes") is not None:
+        data = bytes(value["bytes"])
+        return Path(path).suffix or sniff_extension(data), data
+    if not path:
+        raise SampleError("no image")
+    try:
+        return Path(path).suffix, Path(path).read_bytes()
+    except OSError as err:
+        raise SampleError("unreadable image", err.strerror or str(err)) from None
+
+
 def encoded_value(value: Any, dtype: Optional[np.dtype]) -> Tuple[str, bytes]:
-    """(extension, bytes) that store an image column's value as a file: encoded images as they are, arrays as
-    `.npy` in their own dtype and layout."""
-    if isinstance(value, Mapping):
-        if value.get("bytes") is None:
-            if not value.get("path"):
-                raise SampleError("no image")
-            try:
-                return Path(value["path"]).suffix.lstrip("."), Path(value["path"]).read_bytes()
-            except OSError as err:
-                raise SampleError("unreadable image", err.strerror or str(err)) from None
-        value = value["bytes"]
+    """(extension without the dot, bytes) that store an image column's value as a file: encoded images as they are,
+    arrays as `.npy` in their own dtype and layout."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        return (sniff_extension(data) or f".{image_format(data)}").lstrip("."), data
+        value = {"bytes": value}
+    if isinstance(value, Mapping):
+        ext, data = image_file(value)
+        return (ext or f".{image_format(data)}").lstrip("."), data
     if value is None:
         raise SampleError("no image")
     buffer = io.BytesIO()
@@ -253,13 +261,9 @@ class RowReader:
         self.columns, self.transform, self.spec, self.labeled = columns, transform, spec, labeled
 
     def image(self, value: Any) -> Any:
-        if isinstance(value, Mapping):  # an Image feature left encoded: its bytes, or the file it points to
-            if value.get("bytes") is not None:
-                data = value["bytes"]
-                return read_bytes(data, Path(value.get("path") or "").suffix or "", self.spec)
-            if value.get("path"):
-                return read_path(Path(value["path"]), self.spec)
-            raise SampleError("no image")
+        if isinstance(value, Mapping):  # an Image feature left encoded
+            ext, data = image_file(value)
+            return read_bytes(data, ext, self.spec)
         return read_image(value, self.spec, self.columns.dtype)
 
     def __call__(self, row: Mapping[str, Any], source: str) -> Item:
@@ -337,7 +341,7 @@ class Passes:
 class StreamRows(Sampler):
     """Batches of ((row, position), sample seed) of one rank's part of a stream, read in the main process (the
     workers decode): rows are shuffled within windows of `window` positions, each permuted by (seed, epoch, rank,
-    window). The position where each window starts is kept until it is used, for `HFStreamLoader.state_dict`."""
+    window). The position where each window of the epoch starts is kept, for `HFStreamLoader.state_dict`."""
 
     def __init__(self, stream: Any, batch_size: int, batches: int, window: int, seed: int, rank: int) -> None:
         self.stream, self.batch_size, self.batches = stream, batch_size, batches

@@ -183,8 +183,8 @@ def run_summary(run_dir: RunDir) -> str:
     losses = ""
     if span is not None:
         first, last, speed = span
-        losses = (f"loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}, "
-                  f"{speed:.0f} images/s; ")
+        start = f"{first['loss']:.3f} at step {first['step']} -> " if first is not last else ""
+        losses = f"loss {start}{last['loss']:.3f} at step {last['step']}, {speed:.0f} images/s; "
     encoder = run_dir.encoder_dir
     return (f"done: {run_dir.root}: {losses}encoder: {encoder} (timm.create_model('local-dir:{encoder}', "
             f"pretrained=True)), picture: {run_dir.picture}")
