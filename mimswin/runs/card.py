@@ -139,7 +139,8 @@ def model_card(facts: RunFacts, load_name: str) -> Dict[str, Any]:
     description = (f"A `{cfg.model.name}` encoder pretrained with {method} by mimswin on "
                    f"{data_name(data)}: {images} of {data.channels} channel(s) at {height} x {width} px. It is a "
                    "plain timm model: its `pretrained_cfg` carries the input size, mean and std, so "
-                   "`timm.data.resolve_model_data_config` builds the transform it was trained with.\n\n"
+                   "`timm.data.resolve_model_data_config` builds a transform with the channels, size and statistics "
+                   "it was trained on.\n\n"
                    f"License: `{LICENSE}` until you set yours in the front matter (it must allow what your data's "
                    "terms allow).")
     if facts.command:
