@@ -67,7 +67,9 @@ METHODS = {
 }
 TOY = {"ViT": ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "decoder.dim=32", "decoder.heads=2",
                "decoder.depth=1"],
-       "Swin": [], "Hiera": []}
+       "Swin": ["model.patch_size=4", "model.kwargs={embed_dim: 16, depths: [1, 1], num_heads: [1, 2], window_size: 4}",
+                "decoder.dim=32", "decoder.heads=2"],
+       "Hiera": []}
 
 
 @dataclass
@@ -89,9 +91,11 @@ class Budget:
     pretrain_seeds: int = 1
 
 
+IN_PROCESS = ["data.num_workers=0"]  # the smoke's loaders: no worker processes to start for a few batches
 BUDGETS = {
-    "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1, ["train.max_steps=4", "train.epochs=1"],
-                    ["train.max_steps=2"], ["logistic.penalties=[0.01]", "logistic.max_iter=20"],
+    "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1,
+                    ["train.max_steps=4", "train.epochs=1", *IN_PROCESS], ["train.max_steps=2", *IN_PROCESS],
+                    ["logistic.penalties=[0.01]", "logistic.max_iter=20", *IN_PROCESS],
                     ["attentive.epochs=1", "attentive.min_steps=0", "attentive.seeds=[0]", "attentive.heads=4"], 2,
                     toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),

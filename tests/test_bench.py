@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,13 +18,25 @@ from mimswin.programs.bench import (
     cli,
     count_step_flops,
     main,
+    measure,
     select_rows,
 )
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
-def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys):
+def peak_in_this_process(name, setup, precision, warmup, grad_checkpointing, compile_model):
+    """A row's build and warm-up peak measured in this process: what the benchmark does on a GPU, and here a
+    stand-in for the fresh interpreter per row that `isolated_cpu_peak_mb` starts (tested on its own below)."""
+    cpu = torch.device("cpu")
+    with measure.PeakMemory(cpu) as memory:
+        measure.build_and_warm_up(name, setup, measure.bench_images(setup, cpu), cpu, precision, warmup,
+                                  grad_checkpointing, compile_model)
+    return memory.peak_mb
+
+
+def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(measure, "isolated_cpu_peak_mb", peak_in_this_process)
     out = tmp_path / "bench.json"
     report = main(["--preset", "tiny", "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0",
                    "--num-workers", "0", "--json", str(out)])
@@ -58,6 +71,19 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
                                  ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim")):
             ratio = saved["ratios"][f"{key}_images_per_s"]
             assert ratio == pytest.approx(rows[top].images_per_s / rows[bottom].images_per_s)
+
+
+@pytest.mark.parametrize("name", ["mimswin-mae", *(["hf-vitmae"] if HAVE_TRANSFORMERS else [])])
+def test_a_rows_cpu_peak_memory_is_measured_in_a_fresh_process(name):
+    setup = PRESETS["tiny"]
+    peak = measure.isolated_cpu_peak_mb(name, replace(setup, batch=4), "fp32", 0, False, False)
+    assert peak > 0
+
+
+def test_rows_import_their_libraries_from_modules_that_exist():
+    assert set(measure.ROW_IMPORTS) == set(HF_ROWS)
+    if HAVE_TRANSFORMERS:
+        assert all(importlib.util.find_spec(module) for module in measure.ROW_IMPORTS.values())
 
 
 def test_row_groups_expand_in_order_without_repeats():
