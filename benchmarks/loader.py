@@ -24,13 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mimswin.config import PretrainConfig, load_config  # noqa: E402
-from mimswin.data.batches import collate_samples  # noqa: E402
-from mimswin.data.device_crop import DeviceCrop  # noqa: E402
-from mimswin.data.readers import ReadSpec, read_path  # noqa: E402
-from mimswin.data.shard_write import Shrink, encode_file, write_shards  # noqa: E402
-from mimswin.programs.bench.loader import (  # noqa: E402
-    LOADER_PLACES,
+from mimswin.bench.contenders import LOADER_PLACES  # noqa: E402
+from mimswin.bench.loader import (  # noqa: E402
     have_photos,
     image_files,
     measure_path,
@@ -38,6 +33,11 @@ from mimswin.programs.bench.loader import (  # noqa: E402
     photo_bytes,
     write_photos,
 )
+from mimswin.config import PretrainConfig, load_config  # noqa: E402
+from mimswin.data.batches import collate_samples  # noqa: E402
+from mimswin.data.device_crop import DeviceCrop  # noqa: E402
+from mimswin.data.readers import ReadSpec, read_path  # noqa: E402
+from mimswin.data.shard_write import Shrink, encode_file, write_shards  # noqa: E402
 
 BASELINE = "issue baseline: PIL, resize, float32 out"
 # ViT-B/16 MAE at 224 (75 % mask, 512 x 8 decoder) on one H100: DailyMAE's ~2,000 images/s per A100 times ~2.5-3 for

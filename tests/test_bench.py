@@ -7,20 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mimswin.programs.bench import (
-    BUILDERS,
-    HF_ROWS,
-    LOADER_ROWS,
-    PRESETS,
-    ROW_NAMES,
-    SWIN_ROWS,
-    VIT_ROWS,
-    cli,
-    count_step_flops,
-    main,
-    measure,
-    select_rows,
-)
+from mimswin.bench import loader, measure
+from mimswin.bench.contenders import BUILDERS, HF_ROWS, LOADER_ROWS, PRESETS, ROW_NAMES, SWIN_ROWS, VIT_ROWS
+from mimswin.bench.measure import count_step_flops
+from mimswin.programs.bench import cli, main, select_rows
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -127,8 +117,6 @@ def test_bad_arguments_are_one_clear_error(args, message, capsys):
 
 
 def test_model_rows_alone_write_no_photographs(monkeypatch):
-    from mimswin.programs.bench import loader
-
     def refuse(*args, **kwargs):
         raise AssertionError("photographs written for a run without loader rows")
 

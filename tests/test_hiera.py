@@ -283,8 +283,8 @@ def test_finetune_and_linprobe_run_on_the_exported_hiera_from_its_pretrained_wei
 
 def test_bench_rows_do_equal_work_to_transformers_hiera_and_masking_saves_compute():
     pytest.importorskip("transformers")
-    from mimswin.programs.bench import PRESETS, count_step_flops
-    from mimswin.programs.bench.contenders import HIERA_BUILDERS
+    from mimswin.bench.contenders import HIERA_BUILDERS, PRESETS
+    from mimswin.bench.measure import count_step_flops
 
     cpu, images = torch.device("cpu"), torch.randn(2, 3, 32, 32)
     runs = {name: build(PRESETS["tiny"], cpu) for name, build in HIERA_BUILDERS.items()}

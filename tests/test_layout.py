@@ -9,7 +9,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mimswin"
 # Lowest floor first; a module may import its own floor and those below it, never one above.
-FLOORS = [("errors", "signals", "presets"), ("config",), ("data", "models"), ("runs",), ("train",), ("eval",),
+FLOORS = [("errors", "signals", "presets"), ("config",), ("data", "models"), ("runs",), ("train",), ("eval", "bench"),
           ("programs",), ("cli", "export")]
 FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}
 

@@ -16,24 +16,11 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from mimswin.bench.contenders import PRESETS, ROW_GROUPS, ROW_NAMES, Setup
+from mimswin.bench.report import Report, format_table
+from mimswin.bench.run import run_benchmark
 from mimswin.errors import ConfigError
-from mimswin.programs.bench.contenders import (
-    BUILDERS,
-    HF_ROWS,
-    LOADER_ROWS,
-    PRESETS,
-    ROW_GROUPS,
-    ROW_NAMES,
-    SWIN_ROWS,
-    VIT_ROWS,
-    Setup,
-)
-from mimswin.programs.bench.measure import Report, count_step_flops, run_benchmark
-from mimswin.programs.bench.report import format_table
 from mimswin.programs.common import console_entry
-
-__all__ = ["BUILDERS", "HF_ROWS", "LOADER_ROWS", "PRESETS", "ROW_NAMES", "SWIN_ROWS", "VIT_ROWS", "cli",
-           "count_step_flops", "main", "select_rows"]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -1,11 +1,11 @@
-"""How the benchmark measures a row: a timed training step, FLOPs, GEMM ceiling, peak memory, loader throughput."""
+"""How the benchmark measures its model rows: a timed training step, FLOPs, the GEMM ceiling, peak memory."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import gc
-import importlib.util
+import importlib
 import multiprocessing
 import statistics
 import threading
@@ -16,33 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from mimswin.programs.bench.contenders import BUILDERS, HF_ROWS, RATIOS, ROW_NAMES, Contender, Setup
-
-
-@dataclass
-class Row:
-    name: str
-    images_per_s: Optional[float]
-    step_ms: Optional[float] = None
-    cpu_ms: Optional[float] = None
-    peak_mem_mb: Optional[float] = None
-    gflops_per_image: Optional[float] = None
-    mfu: Optional[float] = None
-    mfu_cpu_time: Optional[float] = None
-    loss: Optional[float] = None
-    note: str = ""
-
-
-@dataclass
-class Report:
-    device: str
-    device_name: str
-    precision: str
-    threads: int
-    setup: Dict[str, Any]
-    gemm_tflops: float
-    rows: List[Row] = field(default_factory=list)
-    ratios: Dict[str, float] = field(default_factory=dict)
+from mimswin.bench.contenders import BUILDERS, Contender, Setup
+from mimswin.bench.report import Row
 
 
 def cpu_name() -> str:
@@ -281,29 +256,3 @@ def measure_models(names: Sequence[str], setup: Setup, device: torch.device, pre
                         peak_mem_mb=trial.peak_mem_mb, gflops_per_image=trial.flops / setup.batch / 1e9,
                         mfu=trial.flops / step / ceiling, loss=float(torch.stack(trial.losses).float().mean())))
     return rows, ceiling
-
-
-def run_benchmark(setup: Setup, device: torch.device, precision: str, steps: int, warmup: int,
-                  rows: Sequence[str] = ROW_NAMES, grad_checkpointing: bool = False, compile_model: bool = False,
-                  num_workers: int = 2, data_path: Optional[str] = None) -> Report:
-    """Measure every requested row and the GEMM ceiling in this process; rows keep the requested order."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    models = [row for row in rows if row in BUILDERS]
-    if importlib.util.find_spec("transformers") is None:
-        models = [row for row in models if row not in HF_ROWS]
-    from mimswin.programs.bench.loader import measure_loaders  # it builds on this module's rows
-
-    measured = measure_loaders(setup, device, steps, warmup, num_workers, rows, data_path)
-    model_rows, ceiling = measure_models(models, setup, device, precision, steps, warmup, grad_checkpointing,
-                                         compile_model) if models else ([], gemm_ceiling(device, precision))
-    measured.update({row.name: row for row in model_rows})
-    report = Report(device.type, name, precision, torch.get_num_threads(), asdict(setup), ceiling / 1e12)
-    report.rows = [measured.get(row) or Row(row, None, note="not measured: pip install 'mimswin[bench]' (transformers)")
-                   for row in rows]
-    by_name = {row.name: row for row in report.rows if row.images_per_s}
-    for key, top, bottom in RATIOS:
-        if top in by_name and bottom in by_name:
-            report.ratios[f"{key}_images_per_s"] = by_name[top].images_per_s / by_name[bottom].images_per_s
-            if device.type == "cpu" and by_name[top].cpu_ms:
-                report.ratios[f"{key}_by_cpu_time"] = by_name[bottom].cpu_ms / by_name[top].cpu_ms
-    return report

@@ -22,14 +22,15 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from mimswin.bench.contenders import LOADER_PLACES, Setup, mimswin_config
+from mimswin.bench.measure import synchronize
+from mimswin.bench.report import Row
 from mimswin.config import PretrainConfig
 from mimswin.data.batches import collate_samples
 from mimswin.data.build import build_pretrain_data
 from mimswin.data.device_crop import CropBatch, DeviceCrop, resize_crops
 from mimswin.data.readers import ReadSpec, read_path
 from mimswin.data.transforms import pretrain_transform
-from mimswin.programs.bench.contenders import LOADER_PLACES, Setup, mimswin_config
-from mimswin.programs.bench.measure import Row, synchronize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 PHOTO_SIZE = (375, 500)  # height, width

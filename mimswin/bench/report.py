@@ -1,10 +1,39 @@
-"""The benchmark's printed table: one line per row, the ratios, and what machine it ran on."""
+"""What a benchmark run reports (its rows, ratios and machine) and the table it prints."""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-from mimswin.programs.bench.measure import Report
+
+@dataclass
+class Row:
+    """One measured row: a model (step time, CPU time, memory, FLOPs, MFU, loss) or a loader (images/s, note)."""
+
+    name: str
+    images_per_s: Optional[float]
+    step_ms: Optional[float] = None
+    cpu_ms: Optional[float] = None
+    peak_mem_mb: Optional[float] = None
+    gflops_per_image: Optional[float] = None
+    mfu: Optional[float] = None
+    mfu_cpu_time: Optional[float] = None
+    loss: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """A whole run: the machine, the shared setup, the GEMM ceiling, every row in the order asked, the ratios."""
+
+    device: str
+    device_name: str
+    precision: str
+    threads: int
+    setup: Dict[str, Any]
+    gemm_tflops: float
+    rows: List[Row] = field(default_factory=list)
+    ratios: Dict[str, float] = field(default_factory=dict)
 
 
 def format_table(report: Report) -> str:
