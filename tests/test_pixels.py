@@ -170,6 +170,30 @@ def test_files_the_config_cannot_use_are_refused_with_the_reason(data, ext, spec
     assert refused.value.reason == reason
 
 
+def jpeg_bytes(shape=(40, 50, 3)) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("data, ext, said", [
+    (b"", "jpg", "empty file (0 bytes)"),
+    (b"", "tif", "empty file (0 bytes)"),
+    (b"", "npy", "empty file (0 bytes)"),
+    (b"<html><body>Not Found</body></html>", "png", "not an image: 35 bytes starting b'<html><body>Not '"),
+    (b"version https://git-lfs", "tif", "not an image: 23 bytes starting b'version https://'"),
+    (jpeg_bytes()[:20], "jpg", "a truncated or damaged JPEG (20 bytes): its header cannot be read"),
+    (png_bytes(np.zeros((4, 4, 3), np.uint8))[:12], "png", "a truncated or damaged PNG (12 bytes)"),
+    (jpeg_bytes()[:400], "jpg", "a truncated or damaged JPEG (400 bytes): "),
+])
+@pytest.mark.parametrize("defer_jpeg", [False, True])
+def test_an_unreadable_file_is_said_to_be_empty_not_an_image_or_truncated(data, ext, said, defer_jpeg):
+    with pytest.raises(SampleError) as refused:
+        read_bytes(data, ext, ReadSpec(3, defer_jpeg=defer_jpeg))
+    assert refused.value.reason == "unreadable image" and said in refused.value.detail
+    assert "BytesIO" not in str(refused.value) and " at 0x" not in str(refused.value)
+
+
 def test_a_missing_file_is_a_sample_error_too(tmp_path):
     with pytest.raises(SampleError, match="unreadable image"):
         read_path(tmp_path / "gone.png", ReadSpec(1))

@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tifffile
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mimswin.data.device_crop import Encoded
@@ -36,6 +36,9 @@ JPEG_END, JPEG_END_WINDOW = b"\xff\xd9", 1024  # the end-of-image marker, looked
 JPEG_MODES = {"L": 1, "RGB": 3}
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 NPY_MAGIC = b"\x93NUMPY"
+# The first bytes of the formats read here, to tell a damaged image from a file that is no image at all.
+SIGNATURES = ((JPEG_MAGIC, "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+              *((magic, "TIFF") for magic in TIFF_MAGIC))
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,28 @@ def read_jpeg(data: bytes, channels: int) -> Optional[np.ndarray]:
         return None
 
 
+def image_format(data: bytes) -> Optional[str]:
+    """The image format a file's first bytes announce, or None."""
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+
+
+def unreadable(data: bytes, err: Exception) -> str:
+    """What a file PIL cannot read is, said without the in-memory object PIL names for a file it does not recognise:
+    a truncated or damaged image of the format its first bytes announce, with PIL's reason; or not an image, its
+    first bytes shown (an HTML page, a Git LFS pointer)."""
+    kind, unrecognised = image_format(data), isinstance(err, UnidentifiedImageError)
+    if kind is None:
+        return f"not an image: {len(data)} bytes starting {data[:16]!r}" if unrecognised else str(err)
+    return f"a truncated or damaged {kind} ({len(data)} bytes): {'its header cannot be read' if unrecognised else err}"
+
+
 def decode(data: bytes, ext: str, layout: str = "auto", channels: Optional[int] = None) -> Tuple[np.ndarray, bool]:
     """(C x H x W array in the file's own dtype, last band is alpha) of a file's bytes, by extension."""
     ext = ext.lower() if ext.startswith(".") else f".{ext.lower()}"
+    if not data:
+        raise SampleError("unreadable image", "empty file (0 bytes)")
     header = jpeg_header(data)
     if header is not None:
         array = read_jpeg(data, header[0])
@@ -149,8 +171,11 @@ def decode(data: bytes, ext: str, layout: str = "auto", channels: Optional[int] 
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             array, alpha = pil_array(image)
+    except UnidentifiedImageError as err:
+        raise SampleError("unreadable image", unreadable(data, err)) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as err:
-        hint = f"{err}" if ext not in TIFF_EXTENSIONS else f"{tiff_error} (pip install imagecodecs for its codec)"
+        tiff_hint = f"{tiff_error} (pip install imagecodecs for its codec)" if ext in TIFF_EXTENSIONS else None
+        hint = tiff_hint or unreadable(data, err)
         raise SampleError("unreadable image", hint) from None
     return (array.transpose(2, 0, 1) if array.ndim == 3 else array[None]), alpha
 
