@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -74,8 +73,8 @@ TOY = {"ViT": ["model.kwargs={depth: 2, embed_dim: 32, num_heads: 2}", "decoder.
 
 @dataclass
 class Budget:
-    """How much each stage runs: pretraining overrides, curve points (fractions of the pretraining), fine-tune length
-    at full labels (the preset's, or overrides) and in steps at reduced labels."""
+    """How much each stage runs: pretraining overrides, curve points (fractions of the pretraining), fine-tune
+    overrides (at reduced labels the fine-tune program's own few-label budget, `few_labels.min_steps`)."""
 
     methods: Sequence[str]
     fractions: Sequence[float]
@@ -85,7 +84,6 @@ class Budget:
     finetune: List[str] = field(default_factory=list)
     linprobe: List[str] = field(default_factory=list)
     attentive: List[str] = field(default_factory=list)
-    low_label_steps: int = 150
     toy: bool = False
     seeds: int = 1
     pretrain_seeds: int = 1
@@ -96,7 +94,7 @@ BUDGETS = {
     "smoke": Budget(("mae_vit", "mae_swin"), (0.1, 0.01), (0.1,), 1,
                     ["train.max_steps=4", "train.epochs=1", *IN_PROCESS], ["train.max_steps=2", *IN_PROCESS],
                     ["logistic.penalties=[0.01]", "logistic.max_iter=20", *IN_PROCESS],
-                    ["attentive.epochs=1", "attentive.min_steps=0", "attentive.seeds=[0]", "attentive.heads=4"], 2,
+                    ["attentive.epochs=1", "attentive.min_steps=0", "attentive.seeds=[0]", "attentive.heads=4"],
                     toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
@@ -163,18 +161,6 @@ def mean_over_seeds(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return cell
 
 
-def low_label_finetune(fraction: float, steps: int) -> List[str]:
-    """Batch and epochs of a fine-tune on `fraction` of the labels: about `steps` steps, a batch the subset fills,
-    the lr warmed up over the first fifth (at full lr from step 0, a 3e-3 Swin fine-tune at 10 % labels fell from its
-    probe-initialised head to 17.6 % in 36 steps and ended at 22.9; warmed up: 42.9 with one loader worker, 35.1
-    with two)."""
-    count = CLASSES * max(1, round(fraction * TRAIN_PER_CLASS))
-    batch = min(64, count - count % 2)
-    epochs = math.ceil(steps / (count // batch))
-    return [f"data.batch_size={batch}", f"train.epochs={epochs}", f"eval_every={max(1, epochs // 4)}",
-            f"optim.warmup_epochs={max(1, epochs // 5)}"]
-
-
 class Bench:
     """Runs the programs, keeps every result with the command line that made it."""
 
@@ -220,9 +206,8 @@ class Bench:
     def finetune(self, key: str, source: Path, fraction: float, random: bool = False,
                  preset: str = "tiny_finetune_cpu", seed: int = 0) -> Dict[str, Any]:
         tag = f"{key}/finetune_{fraction_label(fraction)}{'_random' if random else ''}{seed_tag(seed)}"
-        length = [] if fraction >= 1 else low_label_finetune(fraction, self.budget.low_label_steps)
         argv = ["--config", preset, "--from", str(source), f"train.output_dir={self.out / tag}",
-                *subset_overrides(fraction), *seed_overrides(seed), *length,
+                *subset_overrides(fraction), *seed_overrides(seed),
                 *(["random_init=true"] if random else []), *self.budget.finetune]
         run = self.call(tag, finetune, "finetune", argv)
         return {"finetune": run["result"]["last"]["val_top1"], "finetune_s": run["seconds"]}

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from conftest import REPO, RGB, TINY
 
 from mimswin.config import PretrainConfig, TrainConfig, load_config
-from mimswin.config.evaluation import LabeledDataConfig
+from mimswin.config.evaluation import FinetuneConfig, LabeledDataConfig
 from mimswin.data.batches import DeviceStep
 from mimswin.data.labeled import labeled_pair
 from mimswin.data.sources import EmbeddedMNIST
@@ -205,13 +206,42 @@ def test_label_subset_on_shards_is_one_clear_error(pretrained, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.01])
-def test_low_label_finetune_runs_about_the_asked_steps_and_warms_up_over_a_fifth(fraction):
-    args = dict(arg.split("=") for arg in quality.low_label_finetune(fraction, 150))
-    images = quality.CLASSES * round(fraction * quality.TRAIN_PER_CLASS)
-    batch, epochs, warmup = int(args["data.batch_size"]), int(args["train.epochs"]), int(args["optim.warmup_epochs"])
+@pytest.mark.parametrize("preset", ["tiny_finetune_cpu", "tiny_finetune_swin_cpu", "tiny_finetune_hiera_cpu"])
+def test_few_label_finetune_runs_about_min_steps_in_a_batch_the_subset_fills_and_warms_up_over_a_fifth(fraction,
+                                                                                                     preset):
+    cfg = load_config(FinetuneConfig, [preset], [f"data.label_fraction={fraction}"])
+    images = 10 * round(fraction * 400)
+    recipe, line = finetune.few_label_recipe(cfg, images)
+    batch, epochs = recipe.data.batch_size, recipe.train.epochs
     per_epoch = images // batch
-    assert batch <= images and 150 <= epochs * per_epoch < 150 + per_epoch
-    assert warmup == epochs // 5
+    assert batch == min(64, images) and 150 <= epochs * per_epoch < 150 + per_epoch
+    assert recipe.optim.warmup_epochs == epochs // 5 and recipe.eval_every == epochs // 4
+    assert f"batch {batch}, {epochs} epochs of {per_epoch} steps" in line and "few_labels.min_steps" in line
+    assert cfg.train.epochs * (images // cfg.data.batch_size) < 150, "the preset alone would run fewer steps"
+
+
+def test_few_label_budget_leaves_full_labels_a_long_enough_subset_and_min_steps_0_alone():
+    full = load_config(FinetuneConfig, ["tiny_finetune_cpu"])
+    assert finetune.few_label_recipe(full, 4000) == (full, None)
+    half = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["data.label_fraction=0.5"])
+    assert finetune.few_label_recipe(half, 2000) == (half, None)
+    off = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["data.labels_per_class=4", "few_labels.min_steps=0"])
+    assert finetune.few_label_recipe(off, 40) == (off, None)
+    two = load_config(FinetuneConfig, ["tiny_finetune_cpu"], ["data.labels_per_class=4"])
+    recipe, _ = finetune.few_label_recipe(two, 40, num_processes=2)
+    assert recipe.data.batch_size == 20 and recipe.train.epochs == 150, "each of 2 ranks fills its batch from its 20"
+
+
+def test_a_one_percent_fine_tune_runs_the_few_label_steps_and_says_so_first(pretrained, tmp_path, capsys):
+    capsys.readouterr()
+    results = finetune.main(["--config", "tiny_finetune_cpu", "--from", str(pretrained), "train.epochs=1",
+                             "few_labels.min_steps=12", "data.label_fraction=0.01", *FAST,
+                             f"train.output_dir={tmp_path}"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("few labels: 40 images, 2 steps at batch 16 x 1 epochs -> about 12"), first
+    assert results["steps"] == 12 and results["epochs"] == 12, "one epoch of 40 images at batch 16 is 2 steps"
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert recorded["data"]["batch_size"] == 40 and recorded["train"]["epochs"] == 12
 
 
 def test_mean_over_seeds_averages_accuracies_sums_times_and_keeps_each_seed():

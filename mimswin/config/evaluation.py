@@ -138,6 +138,19 @@ def check_labeled(cfg: "FinetuneConfig | LinprobeConfig") -> None:
 
 
 @dataclass
+class FewLabelConfig:
+    """The step budget of a fine-tune on a labeled subset, which does not shrink with the label fraction.
+
+    A fine-tune on `data.label_fraction` / `data.labels_per_class` whose own epochs would take fewer than `min_steps`
+    optimizer steps runs about `min_steps`: batches of up to `batch_size` that the subset fills (an even count), as
+    many epochs as that takes, the lr warmed up over the first fifth of them, four evaluations. `min_steps: 0` keeps
+    the run's own epochs and batch."""
+
+    min_steps: int = 150
+    batch_size: int = 64
+
+
+@dataclass
 class FinetuneConfig:
     """`mimswin finetune`: the pretrained encoder as a timm classifier, trained end to end."""
 
@@ -153,6 +166,7 @@ class FinetuneConfig:
     ema_decay: Optional[float] = None
     eval_every: int = 1
     eval_crop_pct: float = 1.0
+    few_labels: FewLabelConfig = field(default_factory=FewLabelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, output_dir="runs/finetune"))
 
     def validate(self) -> None:
@@ -160,6 +174,9 @@ class FinetuneConfig:
         check_labeled(self)
         check(0 < self.layer_decay <= 1, "layer_decay", f"must be in (0, 1], got {self.layer_decay}")
         check(self.eval_every >= 1, "eval_every", f"must be >= 1 (epochs), got {self.eval_every}")
+        check(self.few_labels.min_steps >= 0, "few_labels.min_steps", f"must be >= 0, got {self.few_labels.min_steps}")
+        check(self.few_labels.batch_size >= 1, "few_labels.batch_size",
+              f"must be >= 1, got {self.few_labels.batch_size}")
         check(self.head_init in HEAD_INITS, "head_init", f"must be one of {HEAD_INITS}, got '{self.head_init}'")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
               f"must be in (0, 1), got {self.ema_decay}")
