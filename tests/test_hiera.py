@@ -14,8 +14,9 @@ from mimswin.eval.features import probe_encoder
 from mimswin.eval.pooling import ProbeFeatures, ProbeTokens
 from mimswin.models import build_method
 from mimswin.models.create import timm_kwargs
-from mimswin.models.hiera_mae import HieraMAEDecoder
+from mimswin.models.hiera_mae import HieraMAEDecoder, unit_cells
 from mimswin.models.masking import random_mask
+from mimswin.models.tokens import scatter_tokens
 from mimswin.programs import finetune, linprobe
 from mimswin.runs.export import read_export
 from mimswin.runs.open import read_encoder_weights
@@ -130,7 +131,11 @@ def test_decoder_puts_position_tagged_units_at_their_own_places_whatever_their_o
     keep = torch.stack([torch.randperm(16)[:6] for _ in range(3)])
     local = torch.arange(side * side, dtype=torch.float32).view(1, 1, side, side, 1)
     tags = (keep.float().view(3, 6, 1, 1, 1) * 10 + local).expand(-1, -1, -1, -1, 8)
-    placed = decoder.place(tags, keep)[..., 0].view(3, 8, 8)
+
+    def place(units, positions):  # what the decoder's input holds: the units' cells among mask tokens
+        return scatter_tokens(*unit_cells(units, positions, unit_grid), decoder.mask_token, decoder.num_cells)
+
+    placed = place(tags, keep)[..., 0].view(3, 8, 8)
     rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     expected = ((rows // side) * 4 + cols // side) * 10.0 + (rows % side) * side + cols % side
     hidden = torch.ones(3, 16, dtype=torch.bool).scatter_(1, keep, False)
@@ -138,7 +143,7 @@ def test_decoder_puts_position_tagged_units_at_their_own_places_whatever_their_o
     assert torch.equal(placed[~hidden_cells], expected.expand(3, -1, -1)[~hidden_cells])
     assert torch.all(placed[hidden_cells] == -1)
     order = torch.argsort(keep, dim=1)
-    resorted = decoder.place(torch.gather(tags, 1, order.view(3, 6, 1, 1, 1).expand_as(tags)), keep.sort(1).values)
+    resorted = place(torch.gather(tags, 1, order.view(3, 6, 1, 1, 1).expand_as(tags)), keep.sort(1).values)
     assert torch.equal(resorted[..., 0].view(3, 8, 8), placed)
 
 
@@ -230,7 +235,7 @@ def test_full_size_preset_builds_and_its_encoder_is_the_plain_timm_hiera_base():
         plain = timm.create_model(m.name, pretrained=False,
                                   **timm_kwargs(m.img_size, m.patch_size, m.drop_path_rate, m.kwargs))
     assert type(built).__name__ == "HieraMAE" and built.grid == (14, 14) and built.target_px == 16
-    assert built.encoder.unit_grid == (7, 7) and built.decoder.fused == [0, 1, 3] and built.mask_ratio == 0.6
+    assert built.encoder.unit_grid == (7, 7) and built.decoder.fusion.fused == [0, 1, 3] and built.mask_ratio == 0.6
     assert built.encoder.model.state_dict().keys() == {k for k in plain.state_dict() if not k.startswith("head.fc.")}
 
 

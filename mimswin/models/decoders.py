@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.models import checkpoint_seq
@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from mimswin.models.pos_embed import sincos_2d
-from mimswin.models.tokens import scatter_tokens
+from mimswin.models.tokens import gather_tokens, scatter_tokens
 
 
 def decoder_trunk(dim: int, depth: int, heads: int, mlp_ratio: float, out_dim: int
@@ -31,8 +31,15 @@ def mae_init(root: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def answers_for(pred: torch.Tensor, queries: Optional[torch.Tensor]) -> torch.Tensor:
+    """Whole-grid predictions [B, N, D] -> those of the cells at `queries` [B, Q] (None: all of them)."""
+    return pred if queries is None else gather_tokens(pred, queries)
+
+
 class MAEDecoder(nn.Module):
     """Light transformer: embed, put tokens at their positions among mask tokens, add sin-cos pos, predict pixels."""
+
+    answers_whole_grid = True  # it computes every cell whatever it is asked for
 
     def __init__(self, encoder_dim: int, grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8,
                  heads: int = 16, mlp_ratio: float = 4.0, prefix_tokens: int = 1) -> None:
@@ -65,10 +72,12 @@ class MAEDecoder(nn.Module):
         """Embedded visible tokens [B, L, dim] put at their grid positions; every other position is the mask token."""
         return scatter_tokens(tokens, positions, self.mask_token, self.num_cells)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> per-cell predictions [B, N, out_dim]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor,
+                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, L, E] at `positions` [B, L], prefix [B, P, E] -> predictions [B, Q, out_dim] for the cells at
+        `queries` [B, Q] (None: every cell, [B, N, out_dim])."""
         grid = self.place(self.embed(tokens), positions) + self.pos_embed[:, self.prefix_tokens:]
         head = self.embed(prefix) + self.pos_embed[:, : self.prefix_tokens]
         x = torch.cat([head, grid], dim=1)
         x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
-        return self.pred(self.norm(x))[:, self.prefix_tokens:]
+        return answers_for(self.pred(self.norm(x))[:, self.prefix_tokens:], queries)

@@ -18,13 +18,14 @@ from torch import nn
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.config.sections import size_pair
 from mimswin.errors import ConfigError
-from mimswin.models.decoders import decoder_trunk, mae_init
+from mimswin.models.decoders import answers_for, decoder_trunk, mae_init
 from mimswin.models.hiera import MaskedHiera
 from mimswin.models.loss import MIMOutput, masked_loss
 from mimswin.models.mae import MAE
 from mimswin.models.masking import MaskSample
 from mimswin.models.online_probe import with_online_probe
 from mimswin.models.patches import pixel_targets
+from mimswin.models.tokens import scatter_tokens
 
 
 def fused_stages(num_stages: int, q_pool: int) -> List[int]:
@@ -32,21 +33,53 @@ def fused_stages(num_stages: int, q_pool: int) -> List[int]:
     return [*range(min(q_pool, num_stages - 1)), num_stages - 1]
 
 
+class StageFusion(nn.ModuleList):
+    """Hiera's multi-scale fusion: each fused stage pooled to the final resolution by a strided conv inside its mask
+    unit (the last stage as it is) and projected to the last stage's width; the stages summed."""
+
+    def __init__(self, stage_dims: Sequence[int], stage_sides: Sequence[int], fused: Sequence[int]) -> None:
+        side, last = stage_sides[-1], len(stage_dims) - 1
+        super().__init__([nn.Conv2d(stage_dims[s], stage_dims[-1], stage_sides[s] // side, stage_sides[s] // side)
+                          if s != last else nn.Identity() for s in fused])
+        self.fused = list(fused)
+
+    def forward(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Stage outputs [B, L, side_s, side_s, C_s] -> their sum at the final resolution [B, L, side, side, C]."""
+        total = 0
+        for head, stage in zip(self, (stages[s] for s in self.fused)):
+            if not isinstance(head, nn.Identity):
+                batch, units = stage.shape[:2]
+                stage = head(rearrange(stage, "b l h w c -> (b l) c h w"))
+                stage = rearrange(stage, "(b l) c h w -> b l h w c", b=batch, l=units)
+            total = total + stage
+        return total
+
+
+def unit_cells(units: torch.Tensor, positions: torch.Tensor, unit_grid: tuple[int, int]) -> tuple:
+    """Units [B, L, side, side, C] at unit `positions` [B, L] -> their cells as tokens [B, L * side^2, C] and each
+    cell's raster index on the final-stage grid [B, L * side^2] (unit by unit, cells in raster order within a unit)."""
+    side, cols = units.shape[2], unit_grid[1]
+    offsets = torch.arange(side, device=positions.device)
+    rows = (positions // cols)[:, :, None, None] * side + offsets[:, None]  # [B, L, side, 1]
+    columns = (positions % cols)[:, :, None, None] * side + offsets  # [B, L, 1, side]
+    cells = rows * (cols * side) + columns
+    return rearrange(units, "b l h w c -> b (l h w) c"), cells.flatten(1)
+
+
 class HieraMAEDecoder(nn.Module):
-    """Multi-scale fusion, then a light transformer over the final-stage grid: each fused stage is pooled to the final
-    resolution by a strided conv inside its mask unit and projected to the last stage's width, the sum (normed by the
-    caller) is embedded, placed at its units among mask tokens, given a learned position embedding, decoded."""
+    """Multi-scale fusion (`fusion`, applied and normed by the caller), then a light transformer over the final-stage
+    grid: the fused cells embedded, placed at their own cells among mask tokens, given a learned position embedding,
+    decoded."""
+
+    answers_whole_grid = True  # it computes every cell whatever it is asked for
 
     def __init__(self, stage_dims: Sequence[int], stage_sides: Sequence[int], fused: Sequence[int],
                  unit_grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8, heads: int = 16,
                  mlp_ratio: float = 4.0) -> None:
         super().__init__()
-        self.fused, self.unit_grid, self.side = list(fused), unit_grid, stage_sides[-1]
-        width = stage_dims[-1]
-        self.fusion = nn.ModuleList([
-            nn.Conv2d(stage_dims[s], width, stage_sides[s] // self.side, stage_sides[s] // self.side)
-            if s != len(stage_dims) - 1 else nn.Identity() for s in self.fused])
-        self.embed = nn.Linear(width, dim)
+        self.unit_grid, self.side = unit_grid, stage_sides[-1]
+        self.fusion = StageFusion(stage_dims, stage_sides, fused)
+        self.embed = nn.Linear(stage_dims[-1], dim)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_cells, dim))
         self.blocks, self.norm, self.pred = decoder_trunk(dim, depth, heads, mlp_ratio, out_dim)
@@ -74,31 +107,13 @@ class HieraMAEDecoder(nn.Module):
         """Recompute each block's activations in backward instead of storing them (timm's switch name)."""
         self.grad_checkpointing = enable
 
-    def fuse(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Stage outputs [B, L, side_s, side_s, C_s] -> their sum at the final resolution [B, L, side, side, C]."""
-        total = 0
-        for head, stage in zip(self.fusion, (stages[s] for s in self.fused)):
-            if not isinstance(head, nn.Identity):
-                batch, units = stage.shape[:2]
-                stage = head(rearrange(stage, "b l h w c -> (b l) c h w"))
-                stage = rearrange(stage, "(b l) c h w -> b l h w c", b=batch, l=units)
-            total = total + stage
-        return total
-
-    def place(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Units [B, L, side, side, D] put at their unit `positions` [B, L] of the full grid, every other unit filled
-        with the mask token; returns [B, N, D] in raster order of the final-stage grid."""
-        batch, _, side, _, dim = tokens.shape
-        rows, cols = self.unit_grid
-        grid = self.mask_token.to(tokens.dtype).expand(batch, rows * cols, side, side, dim)
-        grid = grid.scatter(1, positions.view(batch, -1, 1, 1, 1).expand_as(tokens), tokens)
-        return rearrange(grid, "b (r c) h w d -> b (r h c w) d", r=rows, c=cols)
-
-    def forward(self, fused: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Normed fused units [B, L, side, side, C] at `positions` [B, L] -> per-token predictions [B, N, out_dim]."""
-        x = self.place(self.embed(fused), positions) + self.pos_embed
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, prefix: torch.Tensor,
+                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normed fused cells [B, L, C] at final-grid `positions` [B, L] (Hiera has no prefix: [B, 0, C]) ->
+        predictions [B, Q, out_dim] for the cells at `queries` [B, Q] (None: every cell, [B, N, out_dim])."""
+        x = scatter_tokens(self.embed(tokens), positions, self.mask_token, self.num_cells) + self.pos_embed
         x = checkpoint_seq(self.blocks, x) if self.grad_checkpointing else self.blocks(x)
-        return self.pred(self.norm(x))
+        return answers_for(self.pred(self.norm(x)), queries)
 
 
 class HieraMAE(MAE):
@@ -120,8 +135,9 @@ class HieraMAE(MAE):
                 labels: Optional[torch.Tensor] = None) -> MIMOutput:
         mask = mask if mask is not None else self.draw_mask(images.shape[0], images.device)
         encoded = self.encoder.forward_masked(images, self.visible_units(mask))
-        fused = self.encoder.norm(self.decoder.fuse(encoded.stages))
-        pred = self.decoder(fused, encoded.positions)
+        fused = self.encoder.norm(self.decoder.fusion(encoded.stages))
+        tokens, cells = unit_cells(fused, encoded.positions, self.encoder.unit_grid)
+        pred = self.decoder(tokens, cells, tokens[:, :0])
         target = pixel_targets(images, self.target_px, self.norm_pix)
         loss = masked_loss(pred, target, mask.hidden, self.loss_kind)
         last = encoded.stages[-1]  # the visible units' last-stage cells, averaged, then the final norm
