@@ -1,6 +1,7 @@
-"""One contract for every masked encoder and method (ViT MAE, visible-only Swin MAE, SimMIM Swin, Hiera MAE), for any
-channel count and for non-square images: hidden pixels cannot change the prediction, each prediction covers its cell in
-every channel, the norm-pix loss over all channels equals a hand computation."""
+"""One contract for every masked encoder and method (ViT MAE, visible-only Swin MAE, SimMIM Swin, Hiera MAE; the MAEs
+also with the cross decoder predicting a subset), for any channel count and for non-square images: hidden pixels cannot
+change the prediction, each prediction covers its cell in every channel, the norm-pix loss over all channels (over
+the predicted cells) equals a hand computation."""
 
 import pytest
 import torch
@@ -18,7 +19,16 @@ FAMILIES = {
     "swin_simmim": ("tiny_simmim_swin_cpu", []),
     "hiera_mae": ("tiny_mae_hiera_cpu", ["decoder.dim=32", "decoder.depth=1", "decoder.heads=2"]),
 }
+SUBSET = ["decoder.kind=cross", "decoder.predict_ratio=0.5"]
+CROSS = {f"{family}_cross": (preset, [*overrides, *SUBSET]) for family, (preset, overrides) in FAMILIES.items()
+         if family != "swin_simmim"}
+CROSS["vit_mae_cross"][1].append("decoder.feature_blocks=[0, -1]")
+FAMILIES.update(CROSS)
+SELF = [family for family in FAMILIES if family not in CROSS]
 SIZES = {"square": 32, "non_square": [32, 48]}
+# every self-decoder family at every channel count and size; the cross ones at one of each (their encoders are the same)
+LEAK_CASES = [(family, channels, size) for family in SELF for channels in (1, 4, 13) for size in SIZES.values()]
+LEAK_CASES += [(family, 4, SIZES["non_square"]) for family in CROSS]
 
 
 def build(family: str, channels: int, size):
@@ -36,9 +46,7 @@ def cell_pixels(hidden: torch.Tensor, grid, px: int) -> torch.Tensor:
     return cells.repeat_interleave(px, 2).repeat_interleave(px, 3)
 
 
-@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
-@pytest.mark.parametrize("channels", [1, 4, 13])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, channels, size", LEAK_CASES, ids=lambda value: str(value).replace(" ", ""))
 def test_hidden_pixels_cannot_change_the_prediction_in_any_channel(family, channels, size):
     method = build(family, channels, size)
     height, width = (size, size) if isinstance(size, int) else size
@@ -61,19 +69,20 @@ def test_hidden_pixels_cannot_change_the_prediction_in_any_channel(family, chann
 
 
 @pytest.mark.parametrize("channels", [1, 13])
-@pytest.mark.parametrize("family", ["vit_mae", "swin_mae", "hiera_mae"])
+@pytest.mark.parametrize("family", ["vit_mae", "swin_mae", "hiera_mae", *CROSS])
 def test_norm_pix_loss_over_every_channel_equals_the_hand_computation(family, channels):
     method = build(family, channels, [32, 48])
     images = torch.randn(2, channels, 32, 48)
     mask = method.draw_mask(2, images.device, torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = method(images, mask)
-    expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, method.target_px)
-    assert count == int(mask.hidden.sum())
+    expected, count = norm_pix_mse_by_hand(out.pred, images, mask.scored, method.target_px)
+    hidden = int(mask.hidden[0].sum())
+    assert count == 2 * (int(hidden * 0.5) if family in CROSS else hidden)  # cross: half the hidden cells predicted
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SELF)
 def test_every_encoder_states_the_contract(family):
     encoder = build(family, 4, [32, 48]).encoder
     for name in ("grid", "cell_px", "in_chans", "embed_dim", "forward_masked", "no_weight_decay", "model"):

@@ -13,7 +13,9 @@ from mimswin.runs.layout import read_metrics
 
 PRESETS = {"mae_vit": ["tiny_mae_vit_cpu", "model.img_size=32", "model.kwargs={depth: 2}"],
            "mae_swin": ["tiny_mae_swin_cpu"], "simmim_swin": ["tiny_simmim_swin_cpu"],
-           "mae_hiera": ["tiny_mae_hiera_cpu"]}
+           "mae_hiera": ["tiny_mae_hiera_cpu"],
+           "mae_vit_cross": ["tiny_mae_vit_cpu", "model.img_size=32", "model.kwargs={depth: 2}", "decoder.kind=cross",
+                             "decoder.predict_ratio=0.5"]}
 
 
 def method_of(key):
@@ -64,7 +66,7 @@ def test_readings_see_whole_images_and_leave_the_mask_ratio_and_global_rng_alone
         logits = ProbeView(method, seed=0)(images)
     assert logits.shape == (3, 10) and method.mask_ratio == ratio
     assert torch.equal(torch.random.get_rng_state(), state)
-    if key == "mae_vit":  # every patch visible: the mean of all tokens of the plain encoder
+    if key.startswith("mae_vit"):  # every patch visible: the mean of all tokens of the plain encoder
         with torch.no_grad():
             tokens = method.encoder.model.forward_features(images)[:, method.encoder.num_prefix_tokens:]
             torch.testing.assert_close(logits, method.online_probe(tokens.mean(dim=1)), atol=1e-5, rtol=1e-5)

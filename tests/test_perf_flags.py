@@ -11,7 +11,7 @@ from conftest import TINY_OVERRIDES, TINY_PRESET, preset_channels
 from mimswin.config import OptimConfig, PretrainConfig, load_config
 from mimswin.errors import ConfigError
 from mimswin.models import build_method
-from mimswin.models.masking import random_mask
+from mimswin.models.masking import random_mask, with_predicted_subset
 from mimswin.programs.pretrain import build_trainer
 from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import apply_model_flags, enable_grad_checkpointing, optimizer_kwargs
@@ -52,7 +52,13 @@ def assert_same_grads(got, want, tol):
         torch.testing.assert_close(got[name], want[name], **tol, msg=name)
 
 
-def test_grad_checkpointing_gives_the_same_loss_and_grads(mae, batch):
+@pytest.mark.parametrize("decoder", [[], ["decoder.kind=cross", "decoder.predict_ratio=0.5",
+                                          "decoder.feature_blocks=[0, -1]"]], ids=["self", "cross"])
+def test_grad_checkpointing_gives_the_same_loss_and_grads(decoder, batch):
+    torch.manual_seed(0)
+    mae = build_method(load_config(PretrainConfig, [TINY_PRESET], TINY_OVERRIDES + ["model.drop_path_rate=0.1",
+                                                                                     *decoder]))
+    batch = batch[0], with_predicted_subset(batch[1], mae.predict_ratio, torch.Generator().manual_seed(2))
     plain_loss, plain_grads = loss_and_grads(mae, *batch)
     assert enable_grad_checkpointing(mae) == 2
     assert mae.encoder.model.grad_checkpointing and mae.decoder.grad_checkpointing

@@ -36,14 +36,25 @@ class MaskConfig:
     unit: Optional[int] = None
 
 
+DECODER_KINDS = ("self", "cross")
+
+
 @dataclass
 class DecoderConfig:
-    """The MAE decoder: a narrow transformer that only pretraining uses."""
+    """The MAE decoder: a narrow transformer that only pretraining uses. `kind`: self (MAE's: self-attention over the
+    whole grid, visible tokens among mask tokens) or cross (CrossMAE's: queries for the predicted cells only, each block
+    cross-attends to the visible tokens). `predict_ratio`: the share of each image's hidden patches reconstructed and
+    scored, drawn anew every step (1: all). `feature_blocks` (cross, ViT): the encoder blocks the decoder reads, each
+    decoder block a learned weighted sum of them (negative counts from the end; must include the last, -1; unset: the
+    encoder's output only)."""
 
+    kind: str = "self"
     dim: int = 512
     depth: int = 8
     heads: int = 16
     mlp_ratio: float = 4.0
+    predict_ratio: float = 1.0
+    feature_blocks: Optional[List[int]] = None
 
 
 @dataclass
@@ -101,6 +112,7 @@ class PretrainConfig:
         check(self.decoder.dim % self.decoder.heads == 0, "decoder.dim",
               f"{self.decoder.dim} is not divisible by decoder.heads={self.decoder.heads}")
         check(self.decoder.dim % 4 == 0, "decoder.dim", "must be divisible by 4 (2-D sin-cos position embedding)")
+        self.check_decoder()
         check_sections(self.data, self.optim, self.train)
         probe = self.online_probe
         check(probe.every >= 0, "online_probe.every", f"must be >= 0 steps (0: off), got {probe.every}")
@@ -119,3 +131,18 @@ class PretrainConfig:
         bands = self.vis.bands
         check(bands is None or (len(bands) in (1, 3) and all(0 <= b < self.data.channels for b in bands)),
               "vis.bands", f"one or three channel indices in [0, {self.data.channels}), got {bands}")
+
+    def check_decoder(self) -> None:
+        """The decoder kind and the options it understands; SimMIM has no decoder to swap."""
+        d = self.decoder
+        check(d.kind in DECODER_KINDS, "decoder.kind", f"must be self or cross, got '{d.kind}'")
+        check(0.0 < d.predict_ratio <= 1.0, "decoder.predict_ratio", f"must be in (0, 1], got {d.predict_ratio}")
+        check(d.feature_blocks is None or len(d.feature_blocks) > 0, "decoder.feature_blocks",
+              "must list at least one encoder block, or be unset (the encoder's output)")
+        check(d.feature_blocks is None or d.kind == "cross", "decoder.feature_blocks",
+              "needs decoder.kind=cross (the self decoder reads the encoder's output)")
+        if self.method == "simmim":
+            check(d.kind == "self", "decoder.kind", "cross needs method=mae (SimMIM predicts every hidden patch from "
+                  "the encoder's own map, with no decoder to swap)")
+            check(d.predict_ratio == 1.0, "decoder.predict_ratio", "needs method=mae (SimMIM scores every hidden "
+                  "patch)")

@@ -1,4 +1,6 @@
-"""Reconstruction pictures: original | masked | reconstruction | reconstruction with the visible patches pasted."""
+"""Reconstruction pictures: original | masked | reconstruction | reconstruction with the visible patches pasted.
+Cells the decoder did not predict (a cross decoder answers for hidden cells only, and with `decoder.predict_ratio` < 1
+for a subset of them) are mid-gray, as the hidden cells of the masked column."""
 
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     un-normalized patch by patch. 8-bit gray and RGB images are shown as they are (gray inputs in three equal channels
     with gray reconstructions); other channel counts in false colour from `bands` (default: the first three), and with
     `stretch` (pixels that are not 8-bit: 16-bit counts fill a few % of their range) gray and RGB too, each band
-    stretched between its own percentiles. Tiles are scaled to a legible size."""
+    stretched between its own percentiles. Cells without a prediction (`MIMOutput.answered`) are mid-gray in the two
+    reconstruction columns. Tiles are scaled to a legible size."""
     was_training = method.training
     method.eval()
     generator = torch.Generator(images.device).manual_seed(PICTURE_MASK_SEED)
@@ -78,7 +81,12 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     pred = denormalize_prediction(out.pred.float(), images, method.target_px) if method.norm_pix else out.pred
     channels, p = images.shape[1], method.target_px
     recon = unpatchify(pred.float(), p, method.grid, channels)
-    hidden = unpatchify(mask.hidden[..., None].expand(-1, -1, p * p * channels).float(), p, method.grid, channels)
+
+    def cell_map(cells: torch.Tensor) -> torch.Tensor:  # [B, N] bool -> [B, C, H, W] float, 1 on those cells
+        return unpatchify(cells[..., None].expand(-1, -1, p * p * channels).float(), p, method.grid, channels)
+
+    hidden = cell_map(mask.hidden)
+    unanswered = cell_map(~out.answered)[:, :1].expand(-1, 3, -1, -1) if out.answered is not None else None
     method.train(was_training)
 
     mean_t = torch.tensor(list(mean), device=images.device).view(1, -1, 1, 1)
@@ -98,6 +106,10 @@ def reconstruction_grid(method: torch.nn.Module, images: torch.Tensor, mean: Seq
     first = show(images)
     masked = first * (1 - hidden_rgb) + 0.5 * hidden_rgb
     columns = [first, masked, show(recon), show(images * (1 - hidden) + recon * hidden)]
+    if unanswered is not None:
+        columns[2] = columns[2] * (1 - unanswered) + 0.5 * unanswered
+        blank = unanswered * hidden_rgb  # the pasted column keeps its visible cells
+        columns[3] = columns[3] * (1 - blank) + 0.5 * blank
     tiles = legible(torch.stack(columns, dim=1).flatten(0, 1).float().cpu())
     return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
 

@@ -14,18 +14,21 @@ A new encoder family is one wrapper that provides `MaskedEncoder` plus one line 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, Tuple
+from typing import Any, NamedTuple, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
 
 
 class EncoderOutput(NamedTuple):
-    """Encoded visible tokens, the grid position of each, and the prefix (cls) tokens, all after the final norm."""
+    """Encoded visible tokens, the grid position of each, and the prefix (cls) tokens, all after the final norm;
+    `features`: the outputs [B, P + L, E] (prefix first) of the blocks the encoder was asked for
+    (`MaskedViT.feature_blocks`), in block order; empty unless asked."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
     prefix: torch.Tensor
+    features: Sequence[torch.Tensor] = ()
 
 
 class MaskedEncoder(Protocol):

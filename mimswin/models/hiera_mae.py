@@ -18,13 +18,14 @@ from torch import nn
 from mimswin.config.pretrain import PretrainConfig
 from mimswin.config.sections import size_pair
 from mimswin.errors import ConfigError
+from mimswin.models.cross_decoder import CrossDecoder
 from mimswin.models.decoders import answers_for, decoder_trunk, mae_init
+from mimswin.models.encoder import EncoderOutput
 from mimswin.models.hiera import MaskedHiera
-from mimswin.models.loss import MIMOutput, masked_loss
+from mimswin.models.loss import MIMOutput
 from mimswin.models.mae import MAE
 from mimswin.models.masking import MaskSample
 from mimswin.models.online_probe import with_online_probe
-from mimswin.models.patches import pixel_targets
 from mimswin.models.tokens import scatter_tokens
 
 
@@ -116,13 +117,26 @@ class HieraMAEDecoder(nn.Module):
         return answers_for(self.pred(self.norm(x)), queries)
 
 
-class HieraMAE(MAE):
-    """Hiera's MAE: a visible-units encoder, the fusion decoder and a loss on normalized pixels of hidden units.
-    Masks hide whole units: `decoder.side` x `decoder.side` cells of the final-stage prediction grid."""
+class HieraCrossDecoder(CrossDecoder):
+    """Hiera's multi-scale fusion (`fusion`, applied and normed by the caller), then the cross decoder: queries for
+    the predicted cells read the fused visible cells."""
 
-    def __init__(self, encoder: MaskedHiera, decoder: HieraMAEDecoder, mask_ratio: float = 0.6,
-                 norm_pix: bool = True, loss_kind: str = "mse") -> None:
-        super().__init__(encoder, decoder, mask_ratio, norm_pix, decoder.side, loss_kind)
+    def __init__(self, stage_dims: Sequence[int], stage_sides: Sequence[int], fused: Sequence[int],
+                 grid: tuple[int, int], out_dim: int, dim: int = 512, depth: int = 8, heads: int = 16,
+                 mlp_ratio: float = 4.0) -> None:
+        super().__init__(stage_dims[-1], grid, out_dim, dim, depth, heads, mlp_ratio, prefix_tokens=0)
+        self.fusion = StageFusion(stage_dims, stage_sides, fused)
+        mae_init(self.fusion)
+
+
+class HieraMAE(MAE):
+    """Hiera's MAE: a visible-units encoder, the fusion decoder (self or cross) and a loss on normalized pixels of
+    hidden units. Masks hide whole units: side x side cells of the final-stage prediction grid (side: the last
+    stage's tokens per unit side)."""
+
+    def __init__(self, encoder: MaskedHiera, decoder: nn.Module, mask_ratio: float = 0.6, norm_pix: bool = True,
+                 loss_kind: str = "mse", predict_ratio: float = 1.0) -> None:
+        super().__init__(encoder, decoder, mask_ratio, norm_pix, encoder.stage_sides[-1], loss_kind, predict_ratio)
 
     def visible_units(self, mask: MaskSample) -> torch.Tensor:
         """[B, L] indices of the mask units a prediction-grid mask leaves visible (it must hide whole units)."""
@@ -137,12 +151,10 @@ class HieraMAE(MAE):
         encoded = self.encoder.forward_masked(images, self.visible_units(mask))
         fused = self.encoder.norm(self.decoder.fusion(encoded.stages))
         tokens, cells = unit_cells(fused, encoded.positions, self.encoder.unit_grid)
-        pred = self.decoder(tokens, cells, tokens[:, :0])
-        target = pixel_targets(images, self.target_px, self.norm_pix)
-        loss = masked_loss(pred, target, mask.hidden, self.loss_kind)
+        out = self.reconstruct(images, mask, EncoderOutput(tokens, cells, tokens[:, :0]))
         last = encoded.stages[-1]  # the visible units' last-stage cells, averaged, then the final norm
-        loss, logits = with_online_probe(self, loss, lambda: self.encoder.norm(last.mean(dim=(1, 2, 3))), labels)
-        return MIMOutput(loss, pred, target, mask, logits)
+        loss, logits = with_online_probe(self, out.loss, lambda: self.encoder.norm(last.mean(dim=(1, 2, 3))), labels)
+        return MIMOutput(loss, out.pred, out.target, mask, logits, out.answered)
 
 
 def build_hiera_mae(model: nn.Module, cfg: PretrainConfig) -> HieraMAE:
@@ -155,8 +167,14 @@ def build_hiera_mae(model: nn.Module, cfg: PretrainConfig) -> HieraMAE:
     if cfg.mask.unit is not None and cfg.mask.unit != unit:
         raise ConfigError(f"config key 'mask.unit': Hiera masks its own {unit} px units; leave mask.unit unset and "
                           f"change model.kwargs.mask_unit_size / patch_stride instead")
+    if cfg.decoder.feature_blocks is not None:
+        raise ConfigError("config key 'decoder.feature_blocks': a Hiera's decoder reads its fused stages (its own "
+                          "multi-scale readout); leave feature_blocks unset")
     m, d = encoder.model, cfg.decoder
-    decoder = HieraMAEDecoder(encoder.stage_dims, encoder.stage_sides, fused_stages(len(m.stage_ends), m.q_pool),
-                              encoder.unit_grid, encoder.cell_px ** 2 * encoder.in_chans, d.dim, d.depth, d.heads,
-                              d.mlp_ratio)
-    return HieraMAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "mse")
+    stages = (encoder.stage_dims, encoder.stage_sides, fused_stages(len(m.stage_ends), m.q_pool))
+    out_dim = encoder.cell_px ** 2 * encoder.in_chans
+    if d.kind == "cross":
+        decoder = HieraCrossDecoder(*stages, encoder.grid, out_dim, d.dim, d.depth, d.heads, d.mlp_ratio)
+    else:
+        decoder = HieraMAEDecoder(*stages, encoder.unit_grid, out_dim, d.dim, d.depth, d.heads, d.mlp_ratio)
+    return HieraMAE(encoder, decoder, cfg.mask.ratio, cfg.loss.norm_pix, cfg.loss.kind or "mse", d.predict_ratio)

@@ -12,14 +12,16 @@ LOSS_KINDS = ("mse", "l1")
 
 
 class MIMOutput(NamedTuple):
-    """The loss, predictions [B, N, target values], targets, the mask drawn, and the online probe's class scores
-    (None without a probe)."""
+    """The loss, predictions [B, N, target values], targets, the mask drawn, the online probe's class scores (None
+    without a probe), and `answered` [B, N] bool: the cells the decoder predicted, the others' `pred` being zero (None:
+    every cell has a prediction)."""
 
     loss: torch.Tensor
     pred: torch.Tensor
     target: torch.Tensor
     mask: MaskSample
     probe_logits: Optional[torch.Tensor] = None
+    answered: Optional[torch.Tensor] = None
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor, kind: str = "mse") -> torch.Tensor:

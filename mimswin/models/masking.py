@@ -8,10 +8,24 @@ import torch
 
 
 class MaskSample(NamedTuple):
-    """`hidden[b, i]` is True where patch i of sample b is masked; `keep[b]` lists visible patch indices ascending."""
+    """`hidden[b, i]` is True where patch i of sample b is masked; `keep[b]` lists visible patch indices ascending;
+    `predict[b]` the hidden patches the decoder reconstructs and the loss covers, ascending (None: every hidden one)."""
 
     hidden: torch.Tensor
     keep: torch.Tensor
+    predict: Optional[torch.Tensor] = None
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """[B, N] bool: the patches the loss covers (the predicted subset, or every hidden patch)."""
+        if self.predict is None:
+            return self.hidden
+        return torch.zeros_like(self.hidden).scatter_(1, self.predict, True)
+
+    def hidden_positions(self) -> torch.Tensor:
+        """[B, N - L] indices of every hidden patch, ascending (the count comes from `keep`: no host sync)."""
+        count = self.hidden.shape[1] - self.keep.shape[1]
+        return torch.argsort(self.hidden.to(torch.int8), dim=1, descending=True, stable=True)[:, :count]
 
 
 def num_visible(num_cells: int, ratio: float) -> int:
@@ -63,3 +77,15 @@ def unit_mask(
     hidden = hidden.reshape(batch, rows * cols)
     keep = torch.argsort(hidden.to(torch.int8), dim=1, stable=True)[:, : units.keep.shape[1] * unit * unit]
     return MaskSample(hidden=hidden, keep=keep)
+
+
+def with_predicted_subset(mask: MaskSample, ratio: float, generator: Optional[torch.Generator] = None) -> MaskSample:
+    """`mask` with `predict` drawn: per sample, `int(hidden * ratio)` (at least one) of its hidden patches, uniformly
+    from `generator` (the step's RNG when None, so a resumed run draws the same); ratio 1 draws nothing."""
+    if ratio >= 1.0:
+        return mask
+    hidden_count = mask.hidden.shape[1] - mask.keep.shape[1]
+    count = max(1, int(hidden_count * ratio)) if hidden_count else 0
+    noise = torch.rand(mask.hidden.shape, device=mask.hidden.device, generator=generator)
+    noise = noise.masked_fill(~mask.hidden, 2.0)  # visible patches sort last: never predicted
+    return mask._replace(predict=torch.argsort(noise, dim=1)[:, :count].sort(dim=1).values)

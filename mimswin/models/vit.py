@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import torch
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mimswin.errors import ConfigError
 from mimswin.models.encoder import EncoderOutput, timm_in_chans
@@ -21,9 +24,26 @@ def check_patch_grid(model: VisionTransformer) -> None:
                           f"{patch[0]}x{patch[1]} px patches")
 
 
+def run_blocks(vit: VisionTransformer, x: torch.Tensor, collect: Tuple[int, ...]) -> Tuple[torch.Tensor, List]:
+    """timm's blocks over x, honouring `set_grad_checkpointing()`; returns the last output and the outputs of the
+    blocks whose indices are in `collect`, in block order."""
+    if not collect:
+        return checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x), []
+    outputs = []
+    for index, block in enumerate(vit.blocks):
+        recompute = vit.grad_checkpointing and torch.is_grad_enabled()
+        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        if index in collect:
+            outputs.append(x)
+    return x, outputs
+
+
 class MaskedViT(nn.Module):
     """Wraps `timm.create_model(name)`: `model` holds exactly the timm weights, `forward_masked` runs visible tokens.
-    A `MaskedEncoder` whose cells are the patches."""
+    A `MaskedEncoder` whose cells are the patches; `feature_blocks` (ascending block indices ending with the last
+    block, set by the method's builder) are the blocks whose outputs `forward_masked` also returns, for a decoder that
+    reads several: the last one as the encoder outputs it (after the final norm), the others as their blocks leave
+    them."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -44,6 +64,7 @@ class MaskedViT(nn.Module):
         table = sincos_2d(model.embed_dim, self.grid, model.num_prefix_tokens)
         model.pos_embed.data.copy_(table.unsqueeze(0))
         model.pos_embed.requires_grad_(False)
+        self.feature_blocks: Tuple[int, ...] = ()
 
     @property
     def in_chans(self) -> int:
@@ -53,9 +74,8 @@ class MaskedViT(nn.Module):
         return {f"model.{n}" for n in self.model.no_weight_decay()}
 
     def forward_masked(self, images: torch.Tensor, keep: torch.Tensor) -> EncoderOutput:
-        """Encode only the patches at `keep` [B, L] (plus cls); tokens stay in the order of `keep`.
-
-        Honours timm's `set_grad_checkpointing()` like timm's own `forward_features`."""
+        """Encode only the patches at `keep` [B, L] (plus cls); tokens stay in the order of `keep`, and so do those of
+        the `feature_blocks` outputs. Honours timm's `set_grad_checkpointing()` like timm's own `forward_features`."""
         vit = self.model
         prefix_count = vit.num_prefix_tokens
         x = vit.patch_embed(images) + vit.pos_embed[:, prefix_count:]
@@ -64,8 +84,10 @@ class MaskedViT(nn.Module):
             cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         x = vit.norm_pre(vit.pos_drop(x))
-        x = vit.norm(checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing else vit.blocks(x))
-        return EncoderOutput(tokens=x[:, prefix_count:], positions=keep, prefix=x[:, :prefix_count])
+        x, features = run_blocks(vit, x, self.feature_blocks[:-1])
+        x = vit.norm(x)
+        return EncoderOutput(tokens=x[:, prefix_count:], positions=keep, prefix=x[:, :prefix_count],
+                             features=(*features, x) if self.feature_blocks else ())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unmasked features, exactly timm's `forward_features`."""
