@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mimswin.bench import loader, measure
-from mimswin.bench.contenders import BUILDERS, HF_ROWS, LOADER_ROWS, PRESETS, ROW_NAMES, SWIN_ROWS, VIT_ROWS
+from mimswin.bench.contenders import BUILDERS, CROSS_ROWS, HF_ROWS, LOADER_ROWS, PRESETS, ROW_NAMES, SWIN_ROWS, VIT_ROWS
 from mimswin.bench.measure import count_step_flops
 from mimswin.programs.bench import cli, main, select_rows
 
@@ -76,11 +76,35 @@ def test_rows_import_their_libraries_from_modules_that_exist():
         assert all(importlib.util.find_spec(module) for module in measure.ROW_IMPORTS.values())
 
 
+def test_a_cross_decoder_row_reports_positive_numbers_and_its_ratio_to_hf(capsys):
+    report = main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
+                   "--rows", f"hf-vitmae,{CROSS_ROWS[0]}"])
+    rows = {row.name: row for row in report.rows}
+    assert list(rows) == ["hf-vitmae", CROSS_ROWS[0]] and f"| {CROSS_ROWS[0]} |" in capsys.readouterr().out
+    cross = rows[CROSS_ROWS[0]]
+    assert cross.images_per_s > 0 and cross.gflops_per_image > 0 and cross.peak_mem_mb >= 0 and cross.loss > 0
+    if HAVE_TRANSFORMERS:
+        assert report.ratios["cross_0.25_over_hf_images_per_s"] == pytest.approx(
+            cross.images_per_s / rows["hf-vitmae"].images_per_s)
+
+
+def test_cross_rows_do_less_work_the_fewer_patches_they_predict():
+    setup, cpu = PRESETS["tiny"], torch.device("cpu")
+    images = torch.randn(2, 3, setup.img_size, setup.img_size)
+    flops = {}
+    for name in ("mimswin-mae", *CROSS_ROWS):
+        torch.manual_seed(0)
+        run = BUILDERS[name](setup, cpu)
+        flops[name] = count_step_flops(run.loss_fn, images, cpu, "fp32")
+    assert [run_name for run_name in sorted(flops, key=flops.get)] == [*CROSS_ROWS, "mimswin-mae"]
+
+
 def test_row_groups_expand_in_order_without_repeats():
     assert select_rows("swin") == list(SWIN_ROWS)
     assert select_rows("loader, vit,mimswin-mae") == ["loader", *VIT_ROWS]
     assert select_rows("loaders") == ["loader", "loader-device", "loader-device-decode"]
     assert select_rows("all") == list(ROW_NAMES)
+    assert select_rows("cross") == ["hf-vitmae", "mimswin-mae", *CROSS_ROWS]
 
 
 def test_swin_visible_only_does_fewer_flops_than_simmim_at_swin_t():

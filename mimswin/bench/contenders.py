@@ -16,6 +16,9 @@ from mimswin.train.optim import build_optimizer
 from mimswin.train.perf import enable_grad_checkpointing, optimizer_kwargs
 
 VIT_ROWS = ("mimswin-mae", "hf-vitmae")
+# mimswin's MAE ViT with the cross decoder (decoder.kind=cross) reconstructing that share of the hidden patches.
+CROSS_PREDICT_RATIOS = (0.25, 0.5, 1.0)
+CROSS_ROWS = tuple(f"mimswin-mae-cross-{ratio}" for ratio in CROSS_PREDICT_RATIOS)
 # The Hiera rows hide Hiera's own share of mask units (0.6, the paper's and HieraConfig's default), not the ViT rows'
 # 0.75; their model is the tiny CPU preset's Hiera at the setup's image size, or hiera_tiny_224 (beside ViT-Tiny) /
 # hiera_base_224 (beside ViT-B) at 224 px with MAE's q_pool 2; the decoder is the setup's.
@@ -26,8 +29,9 @@ SWIN_ROWS = ("mimswin-simmim-swin", "mimswin-mae-swin", "hf-swin-simmim")
 LOADER_PLACES = {"loader": ("worker", "worker"), "loader-device": ("device", "worker"),
                  "loader-device-decode": ("device", "device")}
 LOADER_ROWS = tuple(LOADER_PLACES)
-ROW_NAMES = (*VIT_ROWS, *SWIN_ROWS, *HIERA_ROWS, *LOADER_ROWS)
-ROW_GROUPS = {"vit": VIT_ROWS, "swin": SWIN_ROWS, "hiera": HIERA_ROWS, "loaders": LOADER_ROWS, "all": ROW_NAMES}
+ROW_NAMES = (*VIT_ROWS, *CROSS_ROWS, *SWIN_ROWS, *HIERA_ROWS, *LOADER_ROWS)
+ROW_GROUPS = {"vit": VIT_ROWS, "cross": ("hf-vitmae", "mimswin-mae", *CROSS_ROWS), "swin": SWIN_ROWS,
+              "hiera": HIERA_ROWS, "loaders": LOADER_ROWS, "all": ROW_NAMES}
 HF_ROWS = ("hf-vitmae", "hf-swin-simmim", "hf-hiera-mae")
 # (ratio name, numerator row, denominator row): images/s of the first over the second.
 RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
@@ -38,7 +42,9 @@ RATIOS = (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
           ("loader_device_over_model", "loader-device", "mimswin-mae"),
           ("loader_device_decode_over_model", "loader-device-decode", "mimswin-mae"),
           ("hiera_mimswin_over_hf", "mimswin-mae-hiera", "hf-hiera-mae"),
-          ("hiera_masked_over_all_units", "mimswin-mae-hiera", "mimswin-hiera-all-units"))
+          ("hiera_masked_over_all_units", "mimswin-mae-hiera", "mimswin-hiera-all-units"),
+          *((f"cross_{ratio}_over_hf", row, "hf-vitmae") for ratio, row in zip(CROSS_PREDICT_RATIOS, CROSS_ROWS)),
+          *((f"cross_{ratio}_over_self", row, "mimswin-mae") for ratio, row in zip(CROSS_PREDICT_RATIOS, CROSS_ROWS)))
 
 
 @dataclass
@@ -74,16 +80,20 @@ PRESETS: Dict[str, Setup] = {
     "cpu": Setup("vit_tiny_patch16_224", 224, 16, 12, 512, 8, 16, batch=16),
     # The GPU comparison: ViT-B/16 and Swin-B at 224, MAE's default decoder, 128 images per device.
     "gpu": Setup("vit_base_patch16_224", 224, 16, 12, 512, 8, 16, batch=128, swin="swin_base_patch4_window7_224"),
+    # The decoder comparison on CPU (`--rows cross`): ViT-S/16 and ViT-B/16 at 224 with MAE's default 512-d 8-block
+    # decoder, batch 16.
+    "vit_s16": Setup("vit_small_patch16_224", 224, 16, 12, 512, 8, 16, batch=16),
+    "vit_b16": Setup("vit_base_patch16_224", 224, 16, 12, 512, 8, 16, batch=16),
 }
 
 
-def mimswin_config(setup: Setup) -> PretrainConfig:
-    """The PretrainConfig of a setup, built through the same loader as a real run."""
+def mimswin_config(setup: Setup, *extra: str) -> PretrainConfig:
+    """The PretrainConfig of a setup (and `extra` overrides), built through the same loader as a real run."""
     overrides = [f"model.name={setup.encoder}", f"model.img_size={setup.img_size}",
                  f"model.patch_size={setup.patch_size}", f"model.kwargs={{depth: {setup.depth}}}",
                  f"mask.ratio={setup.mask_ratio}", f"decoder.dim={setup.decoder_dim}",
                  f"decoder.depth={setup.decoder_depth}", f"decoder.heads={setup.decoder_heads}",
-                 f"data.batch_size={setup.batch}"]
+                 f"data.batch_size={setup.batch}", *extra]
     return load_config(PretrainConfig, [], overrides)
 
 
@@ -116,6 +126,14 @@ def build_mimswin(setup: Setup, device: torch.device, cfg: Optional[PretrainConf
     model = build_method(cfg).to(device)
     optimizer = build_optimizer(model, cfg.optim, 1e-4, **optimizer_kwargs(cfg.optim, device))
     return Contender(model, lambda images: model(images).loss, optimizer, lambda: enable_grad_checkpointing(model))
+
+
+def cross_builder(ratio: float) -> Callable[[Setup, torch.device], Contender]:
+    """The builder of mimswin's MAE ViT with the cross decoder reconstructing `ratio` of the hidden patches."""
+    def build(setup: Setup, device: torch.device) -> Contender:
+        return build_mimswin(setup, device, mimswin_config(setup, "decoder.kind=cross",
+                                                           f"decoder.predict_ratio={ratio}"))
+    return build
 
 
 def build_hf_vitmae(setup: Setup, device: torch.device) -> Contender:
@@ -245,5 +263,6 @@ BUILDERS: Dict[str, Callable[[Setup, torch.device], Contender]] = {
     "mimswin-mae": build_mimswin, "hf-vitmae": build_hf_vitmae, "mimswin-simmim-swin": build_mimswin_simmim_swin,
     "mimswin-mae-swin": build_mimswin_mae_swin, "hf-swin-simmim": build_hf_swin_simmim,
     "mimswin-mae-hiera": build_mimswin_mae_hiera, "hf-hiera-mae": build_hf_hiera_mae,
-    "mimswin-hiera-all-units": build_mimswin_hiera_all_units}
+    "mimswin-hiera-all-units": build_mimswin_hiera_all_units,
+    **{row: cross_builder(ratio) for ratio, row in zip(CROSS_PREDICT_RATIOS, CROSS_ROWS)}}
 HIERA_BUILDERS = {name: BUILDERS[name] for name in HIERA_ROWS}

@@ -1,5 +1,5 @@
-"""`mimswin bench`, the pretraining throughput benchmark: mimswin MAE and SimMIM vs HuggingFace ViTMAE and Swin
-SimMIM vs the data loader vs the device's GEMM ceiling.
+"""`mimswin bench`, the pretraining throughput benchmark: mimswin MAE (self and cross decoders) and SimMIM vs
+HuggingFace ViTMAE and Swin SimMIM vs the data loader vs the device's GEMM ceiling.
 
 Every row is measured in one process at the same model size, image size, batch and mask ratio. A step is forward,
 backward, AdamW step and zero_grad on a fixed batch on the device; step time is the median of `--steps` after
