@@ -72,8 +72,11 @@ def test_every_family_shards_per_block_and_steps_like_the_whole_model():
     reports = {r["family"]: r for r in lines if "family" in r}
     paced = {r["rank"]: r["lockstep"] for r in lines if "lockstep" in r}
     assert paced == {0: [[0, True], [1, True], [2, True]], 1: [[10, True], [10, False], [10, False]]}
-    assert set(reports) == {"mae_vit", "mae_vit_bf16", "mae_swin", "simmim_swin", "mae_hiera"}
+    assert set(reports) == {"mae_vit", "mae_vit_bf16", "mae_vit_cross", "mae_swin", "simmim_swin",
+                            "mae_hiera"}
     assert reports["mae_vit"]["units"] == ["encoder.model.blocks.0", "encoder.model.blocks.1", "decoder.blocks.0"]
+    assert reports["mae_vit_cross"]["units"] == ["encoder.model.blocks.0", "encoder.model.blocks.1", "decoder.blocks.0",
+                                                 "decoder.blocks.1"]
     assert reports["mae_swin"]["units"] == [f"encoder.model.layers.{s}.blocks.{b}" for s in (0, 1) for b in (0, 1)] + [
         "decoder.blocks.0"]
     assert reports["simmim_swin"]["units"] == [f"encoder.model.layers.{s}.blocks.{b}" for s in (0, 1) for b in (0, 1)]

@@ -22,10 +22,11 @@ from torch.distributed.tensor import DTensor
 
 from mimswin.config import TrainConfig
 from mimswin.errors import ConfigError, TrainingError
+from mimswin.models.cross_decoder import CrossBlock
 
 # The modules FSDP2 shards one by one, each gathered for its own forward and backward: the transformer blocks of every
 # family, encoder and decoder alike. Everything else (embeddings, norms, heads, mask tokens) is the root's group.
-SHARD_UNITS: Tuple[type, ...] = (Block, SwinTransformerBlock, HieraBlock)
+SHARD_UNITS: Tuple[type, ...] = (Block, SwinTransformerBlock, HieraBlock, CrossBlock)
 # Methods other than `forward` through which an encoder runs a unit (models/swin.py: visible tokens only); FSDP is
 # told to gather the unit's parameters around them too.
 UNIT_METHODS = ("forward_visible",)

@@ -1,7 +1,7 @@
-"""Run under `torchrun --nproc_per_node 2` on CPU: for each MIM family (MAE ViT, visible-only MAE Swin, SimMIM Swin, MAE
-Hiera), shard the method with mimswin's FSDP strategy and take two AdamW steps on one batch, beside an unsharded copy
-taking the same steps; print one JSON line per family (sharded units, losses of both, grad-norm of both), and one for
-`lockstep` over shares of unequal length."""
+"""Run under `torchrun --nproc_per_node 2` on CPU: for each MIM family (MAE ViT with the self and the cross decoder,
+visible-only MAE Swin, SimMIM Swin, MAE Hiera), shard the method with mimswin's FSDP strategy and take two AdamW steps
+on one batch, beside an unsharded copy taking the same steps; print one JSON line per family (sharded units, losses of
+both, grad-norm of both), and one for `lockstep` over shares of unequal length."""
 
 import copy
 import json
@@ -22,6 +22,9 @@ FAMILIES = {  # preset, overrides, train overrides
     "mae_vit": ("tiny_mae_vit_cpu", ["model.img_size=32", "model.kwargs={depth: 2}", "decoder.depth=1"], []),
     "mae_vit_bf16": ("tiny_mae_vit_cpu", ["model.img_size=32", "model.kwargs={depth: 2}", "decoder.depth=1"],
                      ["train.mixed_precision=bf16"]),
+    "mae_vit_cross": ("tiny_mae_vit_cpu", ["model.img_size=32", "model.kwargs={depth: 2}", "decoder.kind=cross",
+                                           "decoder.depth=2", "decoder.predict_ratio=0.5",
+                                           "decoder.feature_blocks=[0,1]"], []),
     "mae_swin": ("tiny_mae_swin_cpu", [], ["train.activation_checkpointing=true"]),
     "simmim_swin": ("tiny_simmim_swin_cpu", [], ["train.reshard_after_forward=false"]),
     "mae_hiera": ("tiny_mae_hiera_cpu", [], []),
