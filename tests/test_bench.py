@@ -47,6 +47,7 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
         assert rows[name].images_per_s > 0 and "MB/batch moved" in rows[name].note
     simmim, visible = rows["mimswin-simmim-swin"], rows["mimswin-mae-swin"]
     assert simmim.gflops_per_image > 0 and visible.gflops_per_image > 0
+    assert all(rows[name].gflops_per_image > 0 for name in CROSS_ROWS)
     saved = json.loads(out.read_text())
     assert saved["ratios"]["loader_device_over_model_images_per_s"] == pytest.approx(
         rows["loader-device"].images_per_s / rows["mimswin-mae"].images_per_s)
@@ -54,11 +55,14 @@ def test_tiny_benchmark_reports_every_row_with_positive_numbers(tmp_path, capsys
     assert saved["ratios"]["swin_visible_over_simmim_images_per_s"] == pytest.approx(
         visible.images_per_s / simmim.images_per_s)
     assert "swin_visible_over_simmim" in table.split("| loader |")[1]
+    assert saved["ratios"]["cross_0.25_over_self_images_per_s"] == pytest.approx(
+        rows[CROSS_ROWS[0]].images_per_s / rows["mimswin-mae"].images_per_s)
     if HAVE_TRANSFORMERS:
         assert rows["mimswin-mae"].gflops_per_image == pytest.approx(rows["hf-vitmae"].gflops_per_image, rel=0.1)
         assert simmim.gflops_per_image == pytest.approx(rows["hf-swin-simmim"].gflops_per_image, rel=0.1)
         for key, top, bottom in (("mimswin_over_hf", "mimswin-mae", "hf-vitmae"),
-                                 ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim")):
+                                 ("swin_simmim_mimswin_over_hf", "mimswin-simmim-swin", "hf-swin-simmim"),
+                                 ("cross_0.25_over_hf", CROSS_ROWS[0], "hf-vitmae")):
             ratio = saved["ratios"][f"{key}_images_per_s"]
             assert ratio == pytest.approx(rows[top].images_per_s / rows[bottom].images_per_s)
 
@@ -74,18 +78,6 @@ def test_rows_import_their_libraries_from_modules_that_exist():
     assert set(measure.ROW_IMPORTS) == set(HF_ROWS)
     if HAVE_TRANSFORMERS:
         assert all(importlib.util.find_spec(module) for module in measure.ROW_IMPORTS.values())
-
-
-def test_a_cross_decoder_row_reports_positive_numbers_and_its_ratio_to_hf(capsys):
-    report = main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--warmup", "0",
-                   "--rows", f"hf-vitmae,{CROSS_ROWS[0]}"])
-    rows = {row.name: row for row in report.rows}
-    assert list(rows) == ["hf-vitmae", CROSS_ROWS[0]] and f"| {CROSS_ROWS[0]} |" in capsys.readouterr().out
-    cross = rows[CROSS_ROWS[0]]
-    assert cross.images_per_s > 0 and cross.gflops_per_image > 0 and cross.peak_mem_mb >= 0 and cross.loss > 0
-    if HAVE_TRANSFORMERS:
-        assert report.ratios["cross_0.25_over_hf_images_per_s"] == pytest.approx(
-            cross.images_per_s / rows["hf-vitmae"].images_per_s)
 
 
 def test_cross_rows_do_less_work_the_fewer_patches_they_predict():
