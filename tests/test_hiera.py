@@ -170,13 +170,25 @@ def test_masks_hide_whole_units_and_predictions_cover_each_final_token_footprint
 
 
 def test_loss_equals_hand_computation_on_hidden_units_only():
-    mae = build()
+    mae = build([*SMALL, "loss.norm_pix=true"])
     images = torch.randn(2, C, 32, 32)
     mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(0))
     out = mae(images, mask)
     expected, count = norm_pix_mse_by_hand(out.pred, images, mask.hidden, 4)
     assert count == 2 * 40
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_tiny_preset_regresses_raw_pixels_of_the_hidden_cells():
+    mae = build()  # the preset: norm_pix off (per-cell normalized 4 px targets left its decoder blind to the image)
+    images = torch.randn(2, C, 32, 32)
+    mask = mae.draw_mask(2, images.device, torch.Generator().manual_seed(0))
+    out = mae(images, mask)
+    cells = rearrange(images, "b c (r p) (s q) -> b (r s) (p q c)", p=4, q=4)
+    torch.testing.assert_close(out.target, cells)
+    hidden = mask.hidden.bool()
+    expected = ((out.pred - cells) ** 2).mean(-1)[hidden].mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_compute_falls_with_the_mask_ratio():
