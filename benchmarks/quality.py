@@ -9,6 +9,7 @@ pretraining epochs.
     python benchmarks/quality.py --budget full --seeds 3   # reduced-label columns: mean ± std over 3 label subsets
     python benchmarks/quality.py --budget full --seeds 3 --skip finetune,curve   # the frozen readouts only
     python benchmarks/quality.py --budget quick --pretrain-seeds 3   # every readout: mean ± std over 3 pretrainings
+    python benchmarks/quality.py --budget readme --pretrain-seeds 3 --override decoder.kind=cross   # a recipe, 3 seeds
 
 Every number comes from the library's own programs (pretrain, finetune, linprobe) run in this process with the
 presets and the overrides printed beside it in the JSON, so each one can be reproduced from the command line.
@@ -97,6 +98,8 @@ BUDGETS = {
                     ["attentive.epochs=1", "attentive.min_steps=0", "attentive.seeds=[0]", "attentive.heads=4"],
                     toy=True),
     "quick": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 4),
+    # the README path's own commands: every readout at full labels, no curve (what a recipe is compared on over seeds)
+    "readme": Budget(("mae_vit",), (1.0,), (1.0,)),
     "full": Budget(tuple(METHODS), (1.0, 0.1, 0.01), (1.0, 0.1, 0.01), 4),
     "long": Budget(("mae_vit",), (1.0, 0.1, 0.01), (1.0,), 8, ["train.epochs=40"]),
 }
