@@ -23,6 +23,7 @@ from mimswin.models.online_probe import OnlineProbe
 from mimswin.programs.common import console_entry, parse_with_resume, program_parser
 from mimswin.runs.card import RunFacts, run_summary
 from mimswin.runs.export import write_run_export
+from mimswin.runs.open import PRETRAIN_PREFIX
 from mimswin.train.loop import Trainer
 from mimswin.train.optim import build_optimizer, build_scheduler
 from mimswin.train.parallel import gather_state_dict, parallelize, unwrap
@@ -66,9 +67,6 @@ class PretrainPictures:
         self.draw(trainer, "final")
 
 
-ENCODER_PREFIX = "encoder.model."
-
-
 class ExportEncoder:
     """At the end, the encoder goes to the run dir as timm's hub folder `encoder/` (config.json, model.safetensors,
     README.md model card) and as `encoder.safetensors`, with the run's channels, size, mean and std (rank 0). Every
@@ -84,7 +82,7 @@ class ExportEncoder:
         state = gather_state_dict(trainer.accelerator, trainer.model)
         if state is None:
             return None
-        return {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        return {k[len(PRETRAIN_PREFIX):]: v for k, v in state.items() if k.startswith(PRETRAIN_PREFIX)}
 
     def on_train_end(self, trainer: Trainer) -> None:
         weights = self.encoder_weights(trainer)
