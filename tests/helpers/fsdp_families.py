@@ -71,7 +71,11 @@ def main() -> None:
             print(json.dumps(result), flush=True)
     share = [[0, 1, 2], [10]][accelerator.process_index]  # rank 0 has three batches, rank 1 one
     paced = list(lockstep(share, accelerator, method))
-    print(json.dumps({"lockstep": paced, "rank": accelerator.process_index}), flush=True)
+    everyone = [None] * accelerator.num_processes  # one print from rank 0: two ranks' prints can share a line
+    torch.distributed.all_gather_object(everyone, {"lockstep": paced, "rank": accelerator.process_index})
+    if accelerator.is_main_process:
+        for line in everyone:
+            print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
