@@ -194,7 +194,7 @@ def test_logistic_linprobe_on_a_label_subset_trains_on_that_subset_only(pretrain
     results = linprobe.main(["--config", "tiny_linprobe_cpu", "--from", str(pretrained), "data.labels_per_class=3",
                              f"train.output_dir={tmp_path / 'lp'}", *FAST])
     assert results["mode"] == "logistic" and results["train_samples"] == 30
-    assert results["features"] == "avg" and results["blocks"] == 2
+    assert results["features"] == "cls+avg" and results["blocks"] == 2
     assert 0 <= results["last"]["val_top1"] <= 100 and "knn_top1" in results
     assert json.loads((tmp_path / "lp/results.json").read_text())["best"]["l2"] == results["best"]["l2"]
 
