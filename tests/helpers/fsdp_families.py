@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
@@ -71,9 +72,8 @@ def main() -> None:
             print(json.dumps(result), flush=True)
     share = [[0, 1, 2], [10]][accelerator.process_index]  # rank 0 has three batches, rank 1 one
     paced = list(lockstep(share, accelerator, method))
-    everyone = [None] * accelerator.num_processes  # one print from rank 0: two ranks' prints can share a line
-    torch.distributed.all_gather_object(everyone, {"lockstep": paced, "rank": accelerator.process_index})
-    if accelerator.is_main_process:
+    everyone = gather_object([{"lockstep": paced, "rank": accelerator.process_index}])  # rank 0 prints them all:
+    if accelerator.is_main_process:  # two ranks' prints can share a line
         for line in everyone:
             print(json.dumps(line), flush=True)
 
